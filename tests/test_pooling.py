@@ -1,0 +1,94 @@
+"""Tests for the covariance pooling (GCP) head (Eq. 44, algorithms.md section 9)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdcond_jax.nn import CovariancePooling, covariance_sqrt_features, upper_triangle
+
+KEY = jax.random.key(0, impl="rbg")  # rbg: compiles much faster than threefry on CPU
+
+
+def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _sqrtm64(p: np.ndarray) -> np.ndarray:
+    lam, u = np.linalg.eigh(p)
+    return (u * np.sqrt(np.clip(lam, 0.0, None))) @ u.T
+
+
+def test_upper_triangle_is_row_major_with_diagonal():
+    m = jnp.arange(9.0).reshape(3, 3)
+    np.testing.assert_array_equal(upper_triangle(m), [0, 1, 2, 4, 5, 8])
+    shape = jax.eval_shape(upper_triangle, jax.ShapeDtypeStruct((2, 256, 256), jnp.float32))
+    assert shape.shape == (2, 32896)
+
+
+@pytest.mark.parametrize("seed,shape", [(0, (2, 5, 5, 4)), (1, (3, 4, 6, 7))])
+def test_covariance_sqrt_features_matches_float64_reference(x64, seed, shape):
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float64)
+    out = np.asarray(jax.jit(covariance_sqrt_features)(x))
+    batch, height, width, dim = shape
+    rows, cols = np.triu_indices(dim)
+    for b in range(batch):
+        feats = np.asarray(x[b]).reshape(height * width, dim).T
+        feats = feats - feats.mean(1, keepdims=True)
+        expected = _sqrtm64(feats @ feats.T / (height * width))
+        np.testing.assert_allclose(out[b], expected[rows, cols], rtol=1e-6, atol=1e-8)
+
+
+def test_rank_deficient_gcp_shape_forward_and_gradient_are_finite():
+    """dim 256 from a 7x7 map: 49 samples per image, covariance rank <= 48 (GCP case)."""
+    x = _normal(0, (2, 7, 7, 16))
+    head = CovariancePooling(dim=256)
+    variables = jax.jit(lambda x: head.init(KEY, x, train=False))(x)
+    assert variables["params"]["pre_svd_conv"]["kernel"].shape == (1, 1, 16, 256)
+    assert set(variables["params"]) == {"pre_svd_conv", "bn"}
+
+    @jax.jit
+    def loss(params, x):
+        out, _ = head.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+        return jnp.sum(out[:, ::97]), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x)
+    assert out.shape == (2, 32896)
+    assert np.all(np.isfinite(np.asarray(out)))
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert float(jnp.abs(grads[0]["pre_svd_conv"]["kernel"]).max()) > 0.0
+
+
+def test_pre_svd_features_are_the_conv_output_before_batch_norm():
+    x = _normal(2, (2, 3, 3, 5))
+    head = CovariancePooling(dim=4)
+    variables = jax.jit(lambda x: head.init(KEY, x, train=False))(x)
+    out, state = jax.jit(lambda v, x: head.apply(
+        v, x, train=True, mutable=["batch_stats", "intermediates"]))(variables, x)
+    (sown,) = state["intermediates"]["pre_svd_features"]
+    kernel = variables["params"]["pre_svd_conv"]["kernel"][0, 0]
+    np.testing.assert_allclose(sown, x @ kernel, rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("pre_svd", ["sn", "ow"])
+def test_pre_svd_treatments_keep_the_kernel_name(pre_svd):
+    x = _normal(3, (2, 4, 4, 6))
+    head = CovariancePooling(dim=8, pre_svd=pre_svd, method="newton_schulz")
+    variables = jax.jit(lambda x: head.init(KEY, x, train=False))(x)
+    assert "kernel" in variables["params"]["pre_svd_conv"]
+    out, _ = jax.jit(lambda v, x: head.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x)
+    assert out.shape == (2, 36)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="pre_svd"):
+        CovariancePooling(dim=4, pre_svd="ol").init(KEY, jnp.ones((1, 2, 2, 3)),
+                                                    train=False)
+    with pytest.raises(ValueError, match="x.shape"):
+        covariance_sqrt_features(jnp.ones((2, 3, 4)))
