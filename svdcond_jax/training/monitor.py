@@ -1,0 +1,114 @@
+"""Float64 conditioning telemetry of the Pre-SVD output (Eqs. 1-2; algorithms.md section 1).
+
+The covariance the meta-layer decomposes is computed on the host in float64 from the Pre-SVD
+layer's output features, and its eigenvalues come from ``meta_layer.eigvalsh_f64`` (float32
+cannot resolve kappa above ~1e6). Reported per record:
+
+- ``kappa_raw``: lambda_max / lambda_min of the covariance (Eq. 1). When lambda_min <= 0 or
+  kappa exceeds :data:`KAPPA_CAP` (= 1 / float64 eps ~ 4.5e15), the value is capped at
+  ``KAPPA_CAP`` and ``singular`` is True: such a number is not a condition number, it means
+  "singular in float64". A 3x3 conv from 3 channels has rank <= 27, so its raw covariance is
+  singular for every method (``rank`` < ``dim`` makes that visible).
+- ``kappa_eps``: the same for P + eps*I, eps being the layer's own (DBN: ``dbn_eps``;
+  GCP: 0 -> equal to kappa_raw). This is the matrix the DBN actually decomposes.
+- ``lambda_max``, ``lambda_min`` (of the raw covariance), ``rank`` (numerical rank:
+  eigenvalues > lambda_max * dim * float64 eps, NumPy's matrix_rank tolerance) and ``dim``.
+
+Decorrelated BN (task "dbn"): X is (C, B*H*W), channels centred over all positions of the
+batch (what the DBN whitens). GCP (task "gcp"): one covariance per image, (C, H*W); the
+record holds the median over the images of each quantity (``singular`` = any image is), plus
+``kappa_eps_max`` (the worst image). Note the GCP features are sown at the 1x1 conv output
+(before the head's BN + ReLU), i.e. the Pre-SVD layer's output.
+
+Example:
+    >>> import numpy as np
+    >>> from svdcond_jax.training.monitor import conditioning_stats
+    >>> x = np.random.default_rng(0).normal(size=(4, 8, 8, 5))
+    >>> stats = conditioning_stats(x, eps=0.0)
+    >>> stats["rank"], stats["dim"], stats["singular"]
+    (5, 5, False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from svdcond_jax.meta_layer import eigvalsh_f64
+
+EPS64 = float(np.finfo(np.float64).eps)
+KAPPA_CAP = 1.0 / EPS64  # kappa at or above this is "singular in float64"
+
+
+def covariance_f64(x: np.ndarray) -> np.ndarray:
+    """Float64 covariance P = X J X^T (Eq. 2) of (..., d, N) samples, on the host."""
+    x = np.asarray(x, dtype=np.float64)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    return xc @ np.swapaxes(xc, -1, -2) / x.shape[-1]
+
+
+def _kappa(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.where(lo > 0, hi / np.where(lo > 0, lo, 1.0), np.inf)
+    return np.minimum(k, KAPPA_CAP)
+
+
+def eigen_stats(p: np.ndarray, *, eps: float = 0.0) -> dict[str, np.ndarray]:
+    """kappa raw / with eps*I, extreme eigenvalues and numerical rank of (..., d, d) matrices.
+
+    Args:
+        p: symmetric PSD matrices.
+        eps: the layer's eps*I (added in float64; eigenvalues shift by exactly eps).
+
+    Returns:
+        Arrays of shape (...,): kappa_raw, kappa_eps, lambda_max, lambda_min, rank, singular.
+    """
+    lam = eigvalsh_f64(p)
+    dim = lam.shape[-1]
+    lo, hi = lam[..., 0], lam[..., -1]
+    rank = np.sum(lam > np.maximum(hi, 0.0)[..., None] * dim * EPS64, axis=-1)
+    kappa_raw = _kappa(lo, hi)
+    return {"kappa_raw": kappa_raw, "kappa_eps": _kappa(lo + eps, hi + eps),
+            "lambda_max": hi, "lambda_min": lo, "rank": rank,
+            "singular": (kappa_raw >= KAPPA_CAP) | (rank < dim)}
+
+
+def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
+                       ) -> dict[str, Any]:
+    """Conditioning record of the Pre-SVD output features (JSON-ready Python scalars).
+
+    Args:
+        features: NHWC features with any leading axes (e.g. (devices, B, H, W, C)).
+        eps: eps*I of the layer (``pre_svd_eps(model)``).
+        per_image: GCP: one covariance per image, median over images; else one covariance
+            over all batch positions (decorrelated BN).
+
+    Returns:
+        dict with kappa_raw, kappa_eps, lambda_max, lambda_min, rank, dim, singular
+        (and kappa_eps_max when per_image).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim < 4:
+        raise ValueError(f"features must be NHWC with optional leading axes; got {x.shape=}")
+    c = x.shape[-1]
+    x = x.reshape(-1, x.shape[-3] * x.shape[-2], c)  # (B, HW, C)
+    if per_image:
+        stats = eigen_stats(covariance_f64(np.swapaxes(x, -1, -2)), eps=eps)
+        out = {k: float(np.median(v)) for k, v in stats.items() if k != "singular"}
+        out["rank"] = int(np.median(stats["rank"]))
+        out["singular"] = bool(np.any(stats["singular"]))
+        out["kappa_eps_max"] = float(np.max(stats["kappa_eps"]))
+    else:
+        stats = eigen_stats(covariance_f64(x.reshape(-1, c).T), eps=eps)
+        out = {k: float(v) for k, v in stats.items() if k not in ("singular", "rank")}
+        out["rank"], out["singular"] = int(stats["rank"]), bool(stats["singular"])
+    out["dim"] = int(c)
+    return out
+
+
+def format_kappa(record: dict[str, Any]) -> str:
+    """Short progress-bar text: kappa_eps, and the raw one or "singular(rank r/d)"."""
+    raw = (f"sing(r{record['rank']}/{record['dim']})" if record["singular"]
+           else f"{record['kappa_raw']:.1e}")
+    return f"{record['kappa_eps']:.1e}|{raw}"

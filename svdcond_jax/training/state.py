@@ -1,0 +1,144 @@
+"""Model, learning-rate schedule, optimizer and train state of one run.
+
+Example:
+    >>> import jax
+    >>> from svdcond_jax.training.config import get_config
+    >>> from svdcond_jax.training import state as state_lib
+    >>> config = get_config()
+    >>> setup = state_lib.create_setup(config, num_classes=10, steps_per_epoch=10)
+    >>> st = state_lib.create_train_state(jax.random.key(0), setup, image_shape=(16, 16, 3))
+    >>> int(st.step), int(st.svd_failures)
+    (0, 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from svdcond_jax import models
+from svdcond_jax.optimizers import pre_svd_sgd
+from svdcond_jax.training.methods import MethodSpec, model_options, parse_method, resolve_task
+
+STEM_PATTERN = r"^stem_conv/kernel$"  # monitored layer of "bn" (no Pre-SVD layer)
+
+
+class TrainState(train_state.TrainState):
+    """flax TrainState plus BatchNorm/DBN statistics and the SVD-failure counter."""
+
+    batch_stats: Any
+    svd_failures: jax.Array  # () int32: steps skipped because something was non-finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a run derives from its config before touching data or devices."""
+
+    spec: MethodSpec
+    task: str  # "dbn" | "gcp"
+    model: nn.Module
+    learning_rate_fn: optax.Schedule
+    tx: optax.GradientTransformation
+    pre_svd_pattern: str  # regex of the Pre-SVD kernel (bn: the stem conv, monitored only)
+    monitor_eps: float  # eps*I of the monitored covariance
+    ol_coeff: float  # 0 unless the method has "+ol"
+
+
+def create_learning_rate_fn(config: Any, steps_per_epoch: int) -> optax.Schedule:
+    """Piecewise-constant schedule: ``lr * lr_decay**k`` after the k-th boundary epoch.
+
+    Step-based (boundaries at ``epoch * steps_per_epoch``), as the paper's recipe (lr 0.1,
+    /10 every 100 epochs, algorithms.md section 8; epochs 30/45 for GCP, section 9).
+
+    Args:
+        config: reads learning_rate, lr_boundaries_epochs, lr_decay.
+        steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+        An optax schedule ``step -> lr``.
+    """
+    boundaries = {int(e) * steps_per_epoch: float(config.lr_decay)
+                  for e in config.lr_boundaries_epochs}
+    return optax.piecewise_constant_schedule(float(config.learning_rate), boundaries)
+
+
+def create_model(config: Any, spec: MethodSpec, task: str, num_classes: int,
+                 axis_name: str | None = None) -> nn.Module:
+    """Instantiates ``svdcond_jax.models.<config.model>`` for a method and task.
+
+    Args:
+        config: reads model, num_filters, half_precision, dbn_eps, dbn_groups, gcp_dim, ns_iters.
+        spec: parsed method.
+        task: "dbn" | "gcp".
+        num_classes: classifier outputs.
+        axis_name: BatchNorm/DBN axis name (set under pmap so statistics are global).
+
+    Returns:
+        The Flax module.
+    """
+    cls = getattr(models, config.model, None)
+    if cls is None:
+        raise ValueError(f"Unknown model {config.model!r} in svdcond_jax.models")
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    extra = {"num_filters": int(config.num_filters)} if config.num_filters > 0 else {}
+    return cls(num_classes=num_classes, axis_name=axis_name, dtype=dtype,
+               dbn_groups=int(config.dbn_groups), **extra, **model_options(spec, task, config))
+
+
+def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
+                 axis_name: str | None = None) -> Setup:
+    """Builds model, schedule and optimizer (``pre_svd_sgd``) from the config.
+
+    Every method uses ``pre_svd_sgd`` (torch-style SGD: coupled weight decay and momentum);
+    only ``nog``/``olr`` differ, so the baselines share the exact same update rule.
+    """
+    spec = parse_method(config.method)
+    task = resolve_task(config.task, config.dataset)
+    model = create_model(config, spec, task, num_classes, axis_name)
+    lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+    if spec.uses_svd:
+        pattern, eps = models.pre_svd_pattern(model), models.pre_svd_eps(model)
+    else:
+        pattern, eps = STEM_PATTERN, float(config.dbn_eps)
+    tx = pre_svd_sgd(lr_fn, pattern, momentum=float(config.momentum),
+                     weight_decay=float(config.weight_decay), nog=spec.nog, olr=spec.olr)
+    ol_coeff = float(config.ol_coeff) if spec.ol else 0.0
+    return Setup(spec, task, model, lr_fn, tx, pattern, eps, ol_coeff)
+
+
+def find_param(params: Any, pattern: str) -> jax.Array:
+    """The single parameter whose '/'-joined path matches ``pattern`` (ValueError otherwise)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    found = [leaf for path, leaf in leaves
+             if re.search(pattern, "/".join(str(getattr(k, "key", k)) for k in path))]
+    if len(found) != 1:
+        raise ValueError(f"pattern {pattern!r} matches {len(found)} parameters, expected 1")
+    return found[0]
+
+
+def create_train_state(rng: jax.Array, setup: Setup, image_shape: tuple[int, int, int]
+                       ) -> TrainState:
+    """Initialises parameters, statistics and optimizer state (unreplicated, on host).
+
+    Args:
+        rng: PRNG key.
+        setup: from :func:`create_setup`.
+        image_shape: (H, W, C) of one input image.
+
+    Returns:
+        A :class:`TrainState` at step 0.
+    """
+    variables = jax.jit(lambda k: setup.model.init(k, jnp.zeros((2, *image_shape)),
+                                                   train=False))(rng)
+    params = variables["params"]
+    find_param(params, setup.pre_svd_pattern)  # fail loudly on a bad selection
+    return TrainState.create(apply_fn=setup.model.apply, params=params, tx=setup.tx,
+                             batch_stats=variables.get("batch_stats", {}),
+                             svd_failures=jnp.zeros((), jnp.int32))

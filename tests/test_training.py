@@ -1,0 +1,244 @@
+"""Training library units: methods, schedule, monitor, writers, jit/pmap steps, NaN skip."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdcond_jax.optimizers import pre_svd_sgd
+from svdcond_jax.training import methods, monitor, steps, writers
+from svdcond_jax.training.config import get_config
+from svdcond_jax.training.state import TrainState, create_learning_rate_fn, create_setup
+
+PATTERN = r"^stem_conv/kernel$"
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def test_methods_are_the_papers_rows():
+    assert len(methods.METHODS) == 15 == len(set(methods.METHODS))
+    specs = {m: methods.parse_method(m) for m in methods.METHODS}
+    assert not specs["bn"].uses_svd and all(s.uses_svd for m, s in specs.items() if m != "bn")
+    assert specs["svd_autodiff"].meta_method == "eigh_autodiff"
+    assert specs["newton_schulz"].meta_method == "newton_schulz"
+    assert specs["svd+nog+ow+olr"][3:] == ("ow", True, True, False)
+    assert specs["svd+nog+sn"][3:] == ("sn", True, False, False)
+    assert specs["svd+ol"][3:] == ("none", False, False, True)
+    for name, spec in specs.items():
+        assert spec.nog == ("nog" in name) and spec.olr == ("olr" in name)
+    with pytest.raises(ValueError, match="svd\\+nog"):
+        methods.parse_method("svd+magic")
+
+
+@pytest.mark.parametrize("dataset,task", [("cifar100", "dbn"), ("digits", "dbn"),
+                                          ("imagenet2012", "gcp")])
+def test_model_options_per_task(dataset, task):
+    config = get_config()
+    assert methods.resolve_task("auto", dataset) == task
+    svd = methods.model_options(methods.parse_method("svd+ow"), task, config)
+    bn = methods.model_options(methods.parse_method("bn"), task, config)
+    assert (svd["stem_norm"], svd["head"]) == (("dbn", "gap") if task == "dbn" else ("bn", "gcp"))
+    assert svd["pre_svd"] == "ow" and bn["pre_svd"] == "none"
+    assert (bn["stem_norm"], bn["head"]) == ("bn", "gap")
+    ns = methods.model_options(methods.parse_method("newton_schulz"), task, config)
+    assert ns["meta_kwargs"] == {"num_iters": config.ns_iters}
+
+
+def test_learning_rate_schedule_is_step_based():
+    config = get_config()
+    config.learning_rate, config.lr_boundaries_epochs, config.lr_decay = 0.1, [2, 3], 0.1
+    fn = create_learning_rate_fn(config, steps_per_epoch=5)
+    got = [float(fn(s)) for s in (0, 9, 10, 14, 15, 100)]
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_setup_selects_pre_svd_layer_and_optimizer_flags():
+    config = get_config()
+    config.method = "svd+nog+ol"
+    setup = create_setup(config, num_classes=10, steps_per_epoch=4)
+    assert setup.pre_svd_pattern == PATTERN and setup.monitor_eps == config.dbn_eps
+    assert setup.ol_coeff == config.ol_coeff and setup.spec.nog and not setup.spec.olr
+    config.method = "bn"
+    setup = create_setup(config, num_classes=10, steps_per_epoch=4)
+    assert setup.ol_coeff == 0.0 and setup.model.stem_norm == "bn"
+
+
+# ----------------------------------------------------------------------------- monitor
+
+
+def _low_rank_features(rng, rank, dim, shape=(4, 6, 6)):
+    z = rng.normal(size=(*shape, rank))
+    return z @ rng.normal(size=(rank, dim)) + rng.normal(size=dim)
+
+
+@pytest.mark.parametrize("rank,dim", [(3, 8), (5, 16), (27, 64)])
+def test_monitor_marks_rank_deficient_covariance_singular(rank, dim):
+    x = _low_rank_features(np.random.default_rng(rank), rank, dim).astype(np.float32)
+    rec = monitor.conditioning_stats(x, eps=1e-2)
+    assert rec["singular"] and rec["rank"] == rank and rec["dim"] == dim
+    assert rec["kappa_raw"] == monitor.KAPPA_CAP
+    # with eps*I the matrix is invertible: kappa = (lambda_max + eps) / (~0 + eps)
+    assert rec["kappa_eps"] == pytest.approx((rec["lambda_max"] + 1e-2) / 1e-2, rel=1e-6)
+    assert "sing(r" in monitor.format_kappa(rec)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_monitor_full_rank_matches_float64_reference(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 5, 5, 6)) * np.array([1, 2, 3, 4, 5, 60.0])
+    rec = monitor.conditioning_stats(x, eps=0.5)
+    lam = np.linalg.eigvalsh(np.cov(x.reshape(-1, 6).T, bias=True))
+    assert not rec["singular"] and rec["rank"] == 6
+    assert rec["kappa_raw"] == pytest.approx(lam[-1] / lam[0], rel=1e-9)
+    assert rec["kappa_eps"] == pytest.approx((lam[-1] + 0.5) / (lam[0] + 0.5), rel=1e-9)
+    assert rec["lambda_min"] == pytest.approx(lam[0], rel=1e-9)
+
+
+def test_monitor_per_image_gcp():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 2, 3, 10))  # 6 samples per image < 10 channels
+    rec = monitor.conditioning_stats(x, eps=0.0, per_image=True)
+    assert rec["singular"] and rec["rank"] == 5 and rec["dim"] == 10  # centred: 6 - 1
+    full = monitor.conditioning_stats(rng.normal(size=(5, 4, 4, 3)), eps=0.0, per_image=True)
+    assert not full["singular"] and full["kappa_eps_max"] >= full["kappa_eps"]
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def test_writer_records_are_plain_json(tmp_path):
+    w = writers.MetricsWriter(str(tmp_path), tensorboard=False)
+    w.write(1, "train", {"loss": np.float32(0.5), "n": np.int32(3), "flag": np.bool_(True),
+                         "bad": float("nan"), "none": None})
+    w.write(2, "eval", {"error": 10.0})
+    w.write(3, "summary", {"x": 1})
+    with pytest.raises(ValueError, match="kind"):
+        w.write(4, "other", {})
+    w.close()
+    recs = writers.read_metrics(str(tmp_path))
+    assert recs[0] == {"step": 1, "kind": "train", "loss": 0.5, "n": 3, "flag": True,
+                       "bad": None, "none": None}
+    writers.truncate_metrics(str(tmp_path), 2)
+    assert [r["kind"] for r in writers.read_metrics(str(tmp_path))] == ["train", "eval"]
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+class _TinyNet(nn.Module):
+    """A model of our own: conv stem + BatchNorm (global statistics via axis_name) + head."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        x = nn.Conv(6, (3, 3), use_bias=False, name="stem_conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+        return nn.Dense(3)(nn.relu(x).mean((1, 2)))
+
+
+def _tiny_state(axis_name=None, nog=True, olr=True):
+    model = _TinyNet(axis_name=axis_name)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 2)), train=False)
+    tx = pre_svd_sgd(0.1, PATTERN, nog=nog, olr=olr)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables["batch_stats"],
+                             svd_failures=jnp.zeros((), jnp.int32))
+
+
+def _batches(n, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.normal(size=(size, 6, 6, 2)).astype(np.float32),
+             "label": rng.integers(0, 3, size).astype(np.int32)} for _ in range(n)]
+
+
+def _make(mode):
+    return steps.make_parallel(mode, learning_rate_fn=lambda s: 0.1, ol_coeff=0.0,
+                               ol_pattern=None, capture_stem=True)
+
+
+def _run(mode, batches, axis_name):
+    par = _make(mode)
+    state = par.place_state(_tiny_state(axis_name))
+    for batch in batches:
+        state, metrics = par.train_step(state, par.place_batch(batch))
+    return jax.device_get(par.host_state(state)), par.host(metrics)
+
+
+def test_jit_over_mesh_and_pmap_give_the_same_parameters():
+    assert jax.device_count() == 2
+    batches = _batches(3)
+    jit_state, jit_m = _run("jit", batches, None)
+    pmap_state, pmap_m = _run("pmap", batches, steps.AXIS_NAME)
+    for a, b in zip(jax.tree_util.tree_leaves((jit_state.params, jit_state.batch_stats)),
+                    jax.tree_util.tree_leaves((pmap_state.params, pmap_state.batch_stats)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert int(jit_state.step) == int(pmap_state.step) == 3
+    np.testing.assert_allclose(jit_m["loss"], pmap_m["loss"], rtol=1e-5)
+    # and training did something
+    init = _tiny_state()
+    assert not np.allclose(init.params["stem_conv"]["kernel"], jit_state.params["stem_conv"]
+                           ["kernel"])
+
+
+def test_single_device_step_matches_mesh_step():
+    batches = _batches(2)
+    state = _tiny_state()
+    step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lambda s: 0.1))
+    for batch in batches:
+        state, _ = step(state, batch)
+    mesh_state, _ = _run("jit", batches, None)
+    for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                    jax.tree_util.tree_leaves(mesh_state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_nan_batch_is_counted_and_skipped(mode):
+    par = _make(mode)
+    axis = steps.AXIS_NAME if mode == "pmap" else None
+    good, bad = _batches(2, seed=1)
+    bad["image"][0, 0, 0, 0] = np.nan  # one poisoned pixel on the first device's shard
+    state, _ = par.train_step(par.place_state(_tiny_state(axis)), par.place_batch(good))
+    before = jax.device_get(par.host_state(state))
+    state, metrics = par.train_step(state, par.place_batch(bad))
+    after = jax.device_get(par.host_state(state))
+    metrics = par.host(metrics)
+    assert metrics["finite"] == 0.0 and int(metrics["svd_failures"]) == 1
+    assert int(after.step) == 2 and int(after.svd_failures) == 1
+    for a, b in zip(jax.tree_util.tree_leaves((before.params, before.batch_stats,
+                                               before.opt_state)),
+                    jax.tree_util.tree_leaves((after.params, after.batch_stats,
+                                               after.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = par.train_step(state, par.place_batch(good))
+    final = jax.device_get(par.host_state(state))
+    assert par.host(metrics)["finite"] == 1.0 and int(final.svd_failures) == 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(final.params))
+    assert not np.array_equal(final.params["Dense_0"]["kernel"],
+                              after.params["Dense_0"]["kernel"])
+
+
+def test_eval_step_masks_padding():
+    par = _make("jit")
+    state = par.place_state(_tiny_state())
+    batch = _batches(1)[0]
+    batch["mask"] = np.array([1, 1, 1, 0, 0, 0, 0, 0], np.float32)
+    sums = par.host(par.eval_step(state, par.place_batch(batch)))
+    assert float(sums["count"]) == 3.0 and 0.0 <= float(sums["correct"]) <= 3.0
+    batch["image"][3:] = np.nan  # padded rows never count
+    assert np.isfinite(par.host(par.eval_step(state, par.place_batch(batch)))["loss_sum"])
+
+
+def test_features_step_captures_stem_output():
+    par = _make("jit")
+    state = par.place_state(_tiny_state())
+    feats = jax.device_get(par.features_step(state, par.place_batch(_batches(1)[0])))
+    assert feats.shape == (8, 6, 6, 6)
+    rec = monitor.conditioning_stats(feats, eps=1e-2)
+    assert rec["dim"] == 6 and rec["rank"] == 6  # 2 channels x 3x3 = 18 >= 6
