@@ -26,9 +26,9 @@ The Pre-SVD layer (the layer right before the SVD meta-layer):
 
 ``pre_svd`` ("none" | "sn" | "ow") replaces that conv by ``nn.Conv``,
 ``SpectralNormConv`` or ``SkewOrthogonalConv``; its trainable param is always named
-``kernel``. Its output, what the meta-layer sees before centring, is sown to
-``intermediates`` as ``pre_svd_features`` (top level for the DBN stem, under ``head`` for
-GCP); :func:`pre_svd_features` finds it.
+``kernel``. The features whose covariance the meta-layer decomposes are sown to
+``intermediates`` as ``pre_svd_features``: the stem conv output (top level) for DBN, the
+head's BN + ReLU output (under ``head``) for GCP; :func:`pre_svd_features` finds them.
 """
 
 from __future__ import annotations

@@ -137,9 +137,9 @@ class CovariancePooling(nn.Module):
     """GCP head (Appendix B.2, algorithms.md section 9): reduce conv, BN, ReLU, sqrt-cov.
 
     x (B, H, W, C) -> 1x1 conv to ``dim`` channels without bias (the Pre-SVD layer, param
-    ``pre_svd_conv/kernel``; its output is sown to ``intermediates`` as
-    ``"pre_svd_features"``) -> BatchNorm (``bn``) -> ReLU -> per-image covariance of the
-    (dim, H*W) feature -> matrix square root by ``method`` -> upper triangle with the
+    ``pre_svd_conv/kernel``) -> BatchNorm (``bn``) -> ReLU (this feature, whose covariance
+    the meta-layer decomposes, is sown to ``intermediates`` as ``"pre_svd_features"``)
+    -> per-image covariance of the (dim, H*W) feature -> matrix square root by ``method`` -> upper triangle with the
     diagonal: (B, dim*(dim+1)/2), 32,896 values for dim 256.
 
     Attributes:
@@ -177,9 +177,10 @@ class CovariancePooling(nn.Module):
             raise ValueError(f"x must be NHWC (B, H, W, C); got {x.shape=}")
         y = pre_svd_conv(x, pre_svd=self.pre_svd, features=self.dim, kernel_size=(1, 1),
                          train=train, name="pre_svd_conv", dtype=self.dtype)
-        self.sow("intermediates", "pre_svd_features", y)
         y = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
                          epsilon=self.epsilon, axis_name=self.axis_name, dtype=self.dtype,
                          name="bn")(y)
         y = nn.relu(y)
+        # What the meta-layer decomposes: the monitor measures exactly this covariance.
+        self.sow("intermediates", "pre_svd_features", y)
         return covariance_sqrt_features(y, method=self.method, method_kwargs=self.method_kwargs)

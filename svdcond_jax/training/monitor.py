@@ -17,8 +17,8 @@ cannot resolve kappa above ~1e6). Reported per record:
 Decorrelated BN (task "dbn"): X is (C, B*H*W), channels centred over all positions of the
 batch (what the DBN whitens). GCP (task "gcp"): one covariance per image, (C, H*W); the
 record holds the median over the images of each quantity (``singular`` = any image is), plus
-``kappa_eps_max`` (the worst image). Note the GCP features are sown at the 1x1 conv output
-(before the head's BN + ReLU), i.e. the Pre-SVD layer's output.
+``kappa_eps_max`` (the worst image). The GCP features are sown after the head's BN + ReLU:
+exactly the matrix the meta-layer decomposes.
 
 Example:
     >>> import numpy as np
