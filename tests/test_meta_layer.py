@@ -356,3 +356,18 @@ def test_float32_cannot_measure_large_kappa():
     assert condition_number_f64(p) == pytest.approx(1e10, rel=1e-3)
     kappa32 = float(condition_number(jnp.asarray(p, jnp.float32)))
     assert not (1e9 < kappa32 < 1e11)
+
+
+def test_eigh_helper_matches_batched_lapack_on_several_cpu_devices():
+    # On 2 fake CPU devices the helper decomposes batches one matrix at a time (deadlock
+    # workaround); it must agree with the batched call.
+    from svdcond_jax.solvers._common import eigh
+
+    assert jax.local_device_count() > 1  # conftest configures 2 fake CPU devices
+    a = np.random.default_rng(0).normal(size=(3, 2, 5, 5)).astype(np.float32)
+    p = jnp.asarray(a @ np.swapaxes(a, -1, -2))
+    lam, u = jax.jit(eigh)(p)
+    ref_lam, _ = jnp.linalg.eigh(p)
+    np.testing.assert_allclose(lam, ref_lam, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(u @ (lam[..., None] * jnp.swapaxes(u, -1, -2)), p,
+                               rtol=1e-4, atol=1e-4)

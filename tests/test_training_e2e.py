@@ -135,3 +135,12 @@ def test_tfds_mock_end_to_end(tmp_path, dataset, method, extra):
         assert cond[-1]["kappa_eps_max"] >= cond[-1]["kappa_eps"]
     else:
         assert cond[-1]["dim"] == 4
+
+
+def test_gcp_step_with_a_batched_eigh_does_not_deadlock_on_two_cpu_devices(tmp_path):
+    # Regression: jaxlib's batched CPU eigh waits on the intra-op pool; with 2 devices both
+    # pool threads waited and this run hung (solvers/_common.eigh decomposes one at a time).
+    config = _digits_config(task="gcp", gcp_dim=16, method="svd", batch_size=32,
+                            num_train_steps=2, max_train_examples=64)
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["steps"] == 2 and summary["svd_failures"] == 0

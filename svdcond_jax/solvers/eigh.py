@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from svdcond_jax.solvers._common import Array, mm, mT, reconstruct, scale_cols, sym
+from svdcond_jax.solvers._common import Array, eigh, mm, mT, reconstruct, scale_cols, sym
 
 BACKWARDS = ("exact", "taylor")
 
@@ -56,7 +56,7 @@ def clamp_eigenvalues(lam: Array, eig_floor: float) -> Array:
 
 def _eigh(p: Array, eig_floor: float) -> tuple[Array, Array]:
     """Eigenvectors u (..., d, d) and clamped sqrt-eigenvalues s (..., d) of symmetric p."""
-    lam, u = jnp.linalg.eigh(p, symmetrize_input=False)
+    lam, u = eigh(p)
     return u, jnp.sqrt(clamp_eigenvalues(lam, eig_floor))
 
 
