@@ -1,0 +1,5 @@
+"""Experiment scripts of svdcond_jax: configs, runner, tables, plots, demo and timing.
+
+Everything here calls `svdcond_jax.training.loop.train_and_evaluate` and reads its
+outputs only through each run's `metrics.jsonl` (see `experiments/tables.py`).
+"""

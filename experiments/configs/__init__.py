@@ -1,0 +1,1 @@
+"""Per-experiment config overrides (big_vision style: each file opens with its command)."""

@@ -1,0 +1,370 @@
+"""Turn the runs' `metrics.jsonl` files into the paper's tables (Tables 1-5).
+
+A sweep lives in `<workdir>/<method>/seed<k>/metrics.jsonl` (the layout written by
+`experiments/run.py`). Each run's summary record (the last line, kind "summary") gives the
+final validation error, the SVD-failure count and the final/median condition numbers; the
+"conditioning" records give the numerical rank of the Pre-SVD covariance.
+
+Per method we report what the paper reports in Tables 1-4 (validation error over seeds,
+mean +- std and min; algorithms.md section 8) and Table 5 (the number of SVD failures),
+plus the conditioning of Figs. 1-5: kappa(P + eps*I) (the matrix the meta-layer really
+decomposes) and whether the raw covariance was singular (algorithms.md section 1).
+
+Example:
+    >>> rows = aggregate(collect_runs("runs/cifar100"))        # doctest: +SKIP
+    >>> print(markdown_table(rows))                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run read back from its metrics file.
+
+    Attributes:
+      method: paper row name (e.g. "svd+nog+ow+olr").
+      seed: the run's seed.
+      path: the metrics.jsonl file.
+      summary: the "summary" record ({} if the run did not finish).
+      conditioning: the "conditioning" records in step order.
+      evals: the "eval" records in step order.
+      train: the "train" records in step order.
+    """
+
+    method: str
+    seed: int
+    path: Path
+    summary: dict[str, Any]
+    conditioning: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    train: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Reads a JSON-lines metrics file, skipping blank or truncated lines.
+
+    A run that was interrupted mid-write can leave a partial last line; it is ignored.
+
+    Args:
+      path: a `metrics.jsonl` file.
+
+    Returns:
+      The records, in file order.
+    """
+    records = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def load_run(path: str | Path, *, method: str | None = None, seed: int | None = None) -> Run:
+    """Loads one run's metrics file into a `Run`.
+
+    Method and seed default to the summary record's fields, then to the directory names
+    `<method>/seed<k>/metrics.jsonl`.
+
+    Args:
+      path: the run's metrics.jsonl (or its directory).
+      method: the method name, if known.
+      seed: the seed, if known.
+
+    Returns:
+      The run.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    records = read_metrics(path)
+    summaries = [r for r in records if r.get("kind") == "summary"]
+    summary = summaries[-1] if summaries else {}
+    if method is None:
+        method = summary.get("method") or path.parent.parent.name
+    if seed is None:
+        match = _SEED_DIR.match(path.parent.name)
+        seed = int(summary.get("seed", match.group(1) if match else 0))
+    by_step = lambda kind: sorted(
+        (r for r in records if r.get("kind") == kind), key=lambda r: r.get("step", 0)
+    )
+    return Run(method, int(seed), path, summary, by_step("conditioning"), by_step("eval"),
+               by_step("train"))
+
+
+def collect_runs(workdir: str | Path, methods: Sequence[str] | None = None) -> list[Run]:
+    """Finds every `<workdir>/<method>/seed<k>/metrics.jsonl` of a sweep.
+
+    Args:
+      workdir: the sweep's root directory.
+      methods: keep only these methods, in this order (default: all found, sorted).
+
+    Returns:
+      The runs, grouped by method in the requested order, then by seed.
+
+    Raises:
+      ValueError: if `workdir` holds no metrics file.
+    """
+    workdir = Path(workdir)
+    paths = sorted(workdir.glob(f"*/seed*/{METRICS_FILE}"))
+    if not paths:
+        raise ValueError(f"workdir={str(workdir)!r} holds no */seed*/{METRICS_FILE}")
+    runs = [load_run(p, method=p.parent.parent.name) for p in paths]
+    if methods is not None:
+        order = {m: i for i, m in enumerate(methods)}
+        runs = [r for r in runs if r.method in order]
+        runs.sort(key=lambda r: (order[r.method], r.seed))
+    else:
+        runs.sort(key=lambda r: (r.method, r.seed))
+    return runs
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    """Keeps the finite numbers (drops None, NaN, inf and non-numbers)."""
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if math.isfinite(v):
+            out.append(float(v))
+    return out
+
+
+def _stat(values: Sequence[float], fn) -> float | None:
+    return float(fn(values)) if values else None
+
+
+def _std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation (ddof=1, as torch/the paper); 0.0 for a single run."""
+    if not values:
+        return None
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _median(values: Sequence[float]) -> float | None:
+    """Median across seeds (kappa spans decades, so a median is the honest summary)."""
+    return float(np.median(values)) if values else None
+
+
+def _singular_fraction(run: Run) -> float | None:
+    flags = [bool(r["singular"]) for r in run.conditioning if "singular" in r]
+    return float(np.mean(flags)) if flags else None
+
+
+def _median_raw_kappa(run: Run) -> float | None:
+    """Median over monitored steps of raw kappa(P), over non-singular steps only."""
+    vals = _finite(r.get("kappa_raw") for r in run.conditioning if not r.get("singular"))
+    return float(np.median(vals)) if vals else None
+
+
+def _weight_norm_growth(run: Run) -> float | None:
+    """Pre-SVD weight norm at the last monitored step over the first (NOG grows it)."""
+    norms = _finite(r.get("weight_norm") for r in run.conditioning)
+    return norms[-1] / norms[0] if len(norms) > 1 and norms[0] > 0 else None
+
+
+def _olr_active_fraction(run: Run) -> float | None:
+    """Share of logged steps where OLR's eta* was used (0 < eta < the schedule's lr)."""
+    pairs = [(_finite([r.get("olr_eta")]), _finite([r.get("learning_rate")]))
+             for r in run.train]
+    pairs = [(e[0], lr[0]) for e, lr in pairs if e and lr]
+    return float(np.mean([0 < e < lr * (1 - 1e-6) for e, lr in pairs])) if pairs else None
+
+
+def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
+    """Aggregates one method's runs into a table row.
+
+    Args:
+      method: the method name.
+      runs: its runs (one per seed).
+
+    Returns:
+      A JSON-able dict: val_error_mean / _std / _min / _max (percent, over finished runs),
+      best_val_error_min, failures_total, runs_with_failures, final_kappa_eps and
+      median_kappa_eps (medians over seeds), final_kappa_raw, median_kappa_raw (median
+      over the non-singular monitored steps, then over seeds), singular_fraction (share of
+      monitored steps where the raw covariance was singular), rank / dim (last record of
+      the first run), weight_norm_growth (Pre-SVD ||W|| last/first monitored step, median
+      over seeds), olr_active_fraction (share of logged steps where OLR's eta* < lr, mean
+      over seeds), train_time_s (mean), seeds, num_runs, num_finished.
+    """
+    done = [r for r in runs if r.summary]
+    s = lambda key: _finite(r.summary.get(key) for r in done)
+    errors = s("val_error")
+    failures = [int(r.summary.get("svd_failures") or 0) for r in done]
+    singular = _finite(_singular_fraction(r) for r in runs)
+    last = next((r.conditioning[-1] for r in runs if r.conditioning), {})
+    return {
+        "method": method,
+        "seeds": [r.seed for r in runs],
+        "num_runs": len(runs),
+        "num_finished": len(done),
+        "val_error_mean": _stat(errors, np.mean),
+        "val_error_std": _std(errors),
+        "val_error_min": _stat(errors, np.min),
+        "val_error_max": _stat(errors, np.max),
+        "best_val_error_min": _stat(s("best_val_error"), np.min),
+        "failures_total": int(sum(failures)),
+        "runs_with_failures": int(sum(f > 0 for f in failures)),
+        "final_kappa_eps": _median(s("final_kappa_eps")),
+        "median_kappa_eps": _median(s("median_kappa_eps")),
+        "final_kappa_raw": _median(s("final_kappa_raw")),
+        "median_kappa_raw": _median(_finite(_median_raw_kappa(r) for r in runs)),
+        "singular_fraction": _stat(singular, np.mean),
+        "rank": last.get("rank"),
+        "dim": last.get("dim"),
+        "weight_norm_growth": _median(_finite(_weight_norm_growth(r) for r in runs)),
+        "olr_active_fraction": _stat(_finite(_olr_active_fraction(r) for r in runs), np.mean),
+        "train_time_s": _stat(s("train_time_s"), np.mean),
+    }
+
+
+def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Aggregates runs into one row per method, keeping the runs' method order."""
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(run.method, []).append(run)
+    return [aggregate_method(m, rs) for m, rs in grouped.items()]
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _fmt_error(r: Mapping[str, Any]) -> str:
+    """'mean ± std' over seeds; the plain value for a single finished run."""
+    if r["num_finished"] <= 1:
+        return _fmt(r["val_error_mean"])
+    return f"{_fmt(r['val_error_mean'])} ± {_fmt(r['val_error_std'])}"
+
+
+def _fmt_kappa(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1e}"
+
+
+def _fmt_raw(row: Mapping[str, Any]) -> str:
+    """Raw kappa, or 'singular (rank r/d)' where it is not a meaningful number."""
+    frac = row.get("singular_fraction")
+    rank, dim = row.get("rank"), row.get("dim")
+    rank_txt = f"rank {rank}/{dim}" if rank is not None and dim is not None else ""
+    if frac:
+        share = "" if frac >= 0.995 else f" {100 * frac:.0f}%"
+        return f"singular{share} ({rank_txt})" if rank_txt else f"singular{share}"
+    return _fmt_kappa(row.get("final_kappa_raw"))
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+    paper: Mapping[str, str] | None = None,
+) -> str:
+    """Formats aggregated rows as the paper's Markdown table.
+
+    Columns: validation error mean +- std and min over seeds (Tables 1-4), SVD failures
+    (Table 5: total over runs, and how many runs had any), kappa(P + eps*I) final and
+    median (Figs. 1-5), the raw covariance's kappa, final ("singular (rank r/d)" where it
+    is singular) and median over the non-singular monitored steps, the growth of
+    the Pre-SVD weight norm over training (section 1: NOG inflates it), the training
+    time (mean per run, from the summary), the wall time per method when rows carry
+    "wall_s" (compilation included), and the paper's number when `paper` is given.
+
+    Args:
+      rows: output of `aggregate`.
+      title: optional heading line.
+      paper: method -> the paper's reported value for that row.
+
+    Returns:
+      The table as a string.
+    """
+    wall = any(r.get("wall_s") is not None for r in rows)
+    cols = ["Method", "Val. error (%) mean ± std", "Min", "Runs", "Failures",
+            "κ(P+εI) final", "κ(P+εI) median", "κ(P) final", "κ(P) median", "‖W‖ growth",
+            "Train (s)"]
+    cols += ["Wall (s)"] * wall + ["Paper"] * bool(paper)
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cells(r, wall, paper)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None) -> list[str]:
+    """One table row's cells, in `markdown_table`'s column order."""
+    n, done = r["num_runs"], r["num_finished"]
+    failures = f"{r['failures_total']}"
+    if done > 1 and r["failures_total"]:
+        failures += f" ({r['runs_with_failures']}/{done} runs)"
+    cells = [
+        r["method"],
+        _fmt_error(r),
+        _fmt(r["val_error_min"]),
+        f"{done}" if done == n else f"{done}/{n}",
+        failures,
+        _fmt_kappa(r["final_kappa_eps"]),
+        _fmt_kappa(r["median_kappa_eps"]),
+        _fmt_raw(r),
+        _fmt_kappa(r.get("median_kappa_raw")) if r.get("median_kappa_raw") else "singular",
+        _fmt(r.get("weight_norm_growth"), ".2f"),
+        _fmt(r["train_time_s"], ".0f"),
+    ]
+    if wall:
+        cells.append(_fmt(r.get("wall_s"), ".0f"))
+    if paper:
+        cells.append(str(paper.get(r["method"], "–")))
+    return cells
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_tables(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    stem: str = "table",
+    title: str | None = None,
+    paper: Mapping[str, str] | None = None,
+) -> tuple[Path, Path]:
+    """Writes `<stem>.md` and `<stem>.json` into `out_dir`.
+
+    Args:
+      rows: output of `aggregate`.
+      out_dir: destination directory (created if needed).
+      stem: file name without extension.
+      title: optional Markdown heading.
+      paper: method -> the paper's number (extra column).
+
+    Returns:
+      The paths of the Markdown and JSON files.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md.write_text(markdown_table(rows, title=title, paper=paper))
+    js.write_text(json.dumps(_json_safe(list(rows)), indent=2) + "\n")
+    return md, js

@@ -1,0 +1,215 @@
+"""Tests of experiments/: tables, plots, configs, the runner and the demo's reduced mode."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import plot, run, tables
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def _write_run(
+    path: Path, *, method: str, seed: int, val_error: float | None, failures: int = 0,
+    kappas: tuple[float, ...] = (1e3, 1e4, 1e5), singular: bool = False, dim: int = 8,
+    olr: bool = False,
+) -> None:
+    """Writes a metrics.jsonl in the loop's schema (contracts.md, D1)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i, k in enumerate(kappas):
+        step = 10 * (i + 1)
+        recs.append({"kind": "train", "step": step, "loss": 1.0, "accuracy": 0.5,
+                     "learning_rate": 0.1, "olr_eta": (0.05 if i == 0 else 0.1) if olr else None,
+                     "svd_failures": 0, "epoch": i})
+        recs.append({"kind": "conditioning", "step": step, "kappa_eps": k,
+                     "kappa_raw": 1e16 if singular else 3 * k, "lambda_max": 1.0,
+                     "lambda_min": 1.0 / k, "rank": dim - 3 if singular else dim, "dim": dim,
+                     "singular": singular, "weight_norm": 1.0 + i, "olr_eta": None})
+    if val_error is not None:
+        recs.append({"kind": "eval", "step": 30, "loss": 1.0, "accuracy": 0.9,
+                     "error": val_error, "epoch": 2})
+        recs.append({"kind": "summary", "step": 30, "method": method, "dataset": "digits",
+                     "model": "TinyResNet", "seed": seed, "steps": 30, "val_error": val_error,
+                     "best_val_error": val_error - 0.5, "final_kappa_eps": kappas[-1],
+                     "median_kappa_eps": float(np.median(kappas)),
+                     "final_kappa_raw": 1e16 if singular else 3 * kappas[-1],
+                     "svd_failures": failures, "train_time_s": 2.0, "steps_per_s": 15.0})
+    lines = [json.dumps(r) for r in recs]
+    path.write_text("\n".join(lines) + "\n" + '{"kind": "tra')  # + a truncated last line
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Two methods x three seeds, one of them unfinished, one singular."""
+    errors = {"svd": [20.0, 21.0, 22.5], "svd+nog": [19.0, 18.0, None]}
+    for method, errs in errors.items():
+        for seed, err in enumerate(errs):
+            _write_run(tmp_path / method / f"seed{seed}" / "metrics.jsonl", method=method,
+                       seed=seed, val_error=err, failures=seed if method == "svd" else 0,
+                       singular=method == "svd", kappas=(1e3 * (seed + 1), 1e6, 1e12),
+                       olr=method == "svd+nog")
+    return tmp_path
+
+
+def test_aggregate_mean_std_min(sweep: Path) -> None:
+    runs = tables.collect_runs(sweep, ["svd", "svd+nog"])
+    assert [(r.method, r.seed) for r in runs] == [
+        ("svd", 0), ("svd", 1), ("svd", 2), ("svd+nog", 0), ("svd+nog", 1), ("svd+nog", 2)]
+    rows = {r["method"]: r for r in tables.aggregate(runs)}
+    svd, nog = rows["svd"], rows["svd+nog"]
+    np.testing.assert_allclose(svd["val_error_mean"], np.mean([20.0, 21.0, 22.5]))
+    np.testing.assert_allclose(svd["val_error_std"], np.std([20.0, 21.0, 22.5], ddof=1))
+    assert svd["val_error_min"] == 20.0 and svd["val_error_max"] == 22.5
+    assert svd["failures_total"] == 3 and svd["runs_with_failures"] == 2
+    assert svd["singular_fraction"] == 1.0 and (svd["rank"], svd["dim"]) == (5, 8)
+    assert (nog["num_runs"], nog["num_finished"]) == (3, 2)  # the unfinished run is counted
+    np.testing.assert_allclose(nog["val_error_mean"], 18.5)
+    np.testing.assert_allclose(nog["val_error_std"], np.std([19.0, 18.0], ddof=1))
+    assert nog["failures_total"] == 0 and nog["singular_fraction"] == 0.0
+    np.testing.assert_allclose(nog["final_kappa_eps"], 1e12)
+    np.testing.assert_allclose(nog["weight_norm_growth"], 3.0)  # 1 -> 3 over the records
+    np.testing.assert_allclose(nog["olr_active_fraction"], 1 / 3)  # eta < lr on 1 of 3
+    assert svd["olr_active_fraction"] is None
+
+
+def test_markdown_and_json_tables(sweep: Path) -> None:
+    rows = tables.aggregate(tables.collect_runs(sweep))
+    md, js = tables.write_tables(rows, sweep, title="t", paper={"svd": "19.99"})
+    text = md.read_text()
+    assert "| svd | 21.17 ± 1.26 | 20.00 | 3 | 3 (2/3 runs) |" in text
+    assert "| singular (rank 5/8) | singular |" in text and "| 19.99 |" in text
+    assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2/3 |" in text
+    loaded = json.loads(js.read_text())
+    assert [r["method"] for r in loaded] == ["svd", "svd+nog"]
+    assert loaded[0]["val_error_min"] == 20.0
+
+
+def test_single_run_shows_plain_error(tmp_path: Path) -> None:
+    _write_run(tmp_path / "bn" / "seed0" / "metrics.jsonl", method="bn", seed=0,
+               val_error=3.25, kappas=(10.0, 20.0))
+    (row,) = tables.aggregate(tables.collect_runs(tmp_path))
+    assert "| bn | 3.25 | 3.25 | 1 | 0 | 2.0e+01 | 1.5e+01 | 6.0e+01 | 4.5e+01 | 2.00 |" in (
+        tables.markdown_table([row]))
+
+
+def test_collect_runs_rejects_empty_dir(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="holds no"):
+        tables.collect_runs(tmp_path)
+
+
+def test_curve_masks_singular_raw_kappa(sweep: Path) -> None:
+    cs = {c.method: c for c in plot.curves(tables.collect_runs(sweep))}
+    svd, nog = cs["svd"], cs["svd+nog"]
+    assert svd.singular.all() and np.isnan(svd.kappa_raw).all()
+    assert "raw P singular, rank 5/8" in plot._label(svd)
+    np.testing.assert_allclose(nog.kappa_raw, [3 * 2e3, 3e6, 3e12])  # median over 3 seeds
+    np.testing.assert_allclose(nog.kappa_eps_lo, [1e3, 1e6, 1e12])
+    np.testing.assert_allclose(nog.kappa_eps_hi, [3e3, 1e6, 1e12])
+    assert plot._label(nog) == "svd+nog"
+
+
+def test_plot_writes_png(sweep: Path, tmp_path: Path) -> None:
+    out = plot.plot_conditioning(tables.collect_runs(sweep), tmp_path / "sub" / "k.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_rejects_runs_without_conditioning(tmp_path: Path) -> None:
+    path = tmp_path / "bn" / "seed0" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"kind": "summary", "step": 1, "val_error": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="conditioning"):
+        plot.plot_conditioning(tables.collect_runs(tmp_path), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_files_load_and_document_a_command(path: Path) -> None:
+    module = run.load_config_module(path)
+    doc = module.__doc__ or ""
+    assert "python -m experiments." in doc and "xpected run time" in doc
+    for arg in (None, "runlocal"):
+        config = module.get_config(arg)
+        assert isinstance(config, ml_collections.ConfigDict)
+        assert config.method in module.METHODS
+    local = module.get_config("runlocal")
+    assert 0 < local.num_train_steps <= 10 and local.batch_size <= 32
+    from svdcond_jax.training.methods import METHODS
+
+    assert set(module.METHODS) <= set(METHODS)
+    assert set(getattr(module, "PAPER", {})) <= set(METHODS)
+
+
+def test_apply_overrides_parses_literals_and_rejects_unknown_keys() -> None:
+    config = ml_collections.ConfigDict({"a": 1, "b": "x", "c": [1], "d": {"e": 0.5}})
+    run.apply_overrides(config, ["a=3", "b=hello world", "c=[1, 2]", "d.e=0.25"])
+    assert (config.a, config.b, list(config.c), config.d.e) == (3, "hello world", [1, 2], 0.25)
+    with pytest.raises(ValueError, match="no field"):
+        run.apply_overrides(config, ["zz=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        run.apply_overrides(config, ["a"])
+    assert run.config_flag_overrides(["--config.a=4", "--config.d.e", "0.5"]) == [
+        "a=4", "d.e=0.5"]
+    with pytest.raises(ValueError, match="unrecognised"):
+        run.config_flag_overrides(["--bogus"])
+
+
+def test_run_sweep_calls_train_fn_per_method_and_seed(tmp_path: Path) -> None:
+    calls = []
+
+    def fake_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+        calls.append((config.method, config.seed, workdir))
+        _write_run(Path(workdir) / "metrics.jsonl", method=config.method, seed=config.seed,
+                   val_error=10.0 + config.seed)
+        return {"val_error": 10.0 + config.seed, "svd_failures": 0}
+
+    config = ml_collections.ConfigDict({"method": "svd", "seed": 0})
+    run.run_sweep(config, tmp_path, ["svd", "svd+nog"], [0, 1], train_fn=fake_train,
+                  log=lambda _: None)
+    assert [(m, s) for m, s, _ in calls] == [("svd", 0), ("svd", 1), ("svd+nog", 0),
+                                             ("svd+nog", 1)]
+    assert calls[3][2] == str(tmp_path / "svd+nog" / "seed1")
+    assert config.method == "svd" and config.seed == 0  # the base config is not mutated
+    run.run_sweep(config, tmp_path, ["svd"], [0], train_fn=fake_train, log=lambda _: None)
+    assert len(calls) == 4  # finished runs are skipped
+    table = run.report(tmp_path, ["svd", "svd+nog"])
+    assert "| svd | 10.50 ± 0.71 |" in table
+    assert (tmp_path / "conditioning.png").is_file() and (tmp_path / "table.json").is_file()
+
+
+def test_demo_reduced_mode_end_to_end(tmp_path: Path) -> None:
+    from experiments import demo
+
+    table = demo.main(["--quick", "--workdir", str(tmp_path)])  # QUICK_METHODS
+    rows = {r["method"]: r for r in json.loads((tmp_path / "table.json").read_text())}
+    assert set(rows) == {"bn", "svd+nog+olr"}
+    for row in rows.values():
+        assert row["num_finished"] == 1 and row["failures_total"] == 0
+        assert 0.0 <= row["val_error_mean"] <= 100.0
+        assert row["final_kappa_eps"] is not None and math.isfinite(row["final_kappa_eps"])
+    assert "svd+nog+olr" in table
+    assert (tmp_path / "conditioning.png").stat().st_size > 10_000
+
+
+def test_step_timing_overheads_and_table() -> None:
+    from experiments import step_timing
+
+    results = {"bn": {"fp_ms": 40.0, "step_ms": 100.0, "bp_ms": 60.0},
+               "svd": {"fp_ms": 42.0, "step_ms": 102.0, "bp_ms": 60.0},
+               "svd+nog+olr": {"fp_ms": 42.0, "step_ms": 104.04, "bp_ms": 62.04},
+               "svd+nog+ow+olr": {"fp_ms": 45.0, "step_ms": 107.0, "bp_ms": 62.0}}
+    rows = {r["name"]: r for r in step_timing.overheads(results)}
+    np.testing.assert_allclose(rows["NOG+OLR over the SVD step"]["overhead_pct"], 2.0)
+    np.testing.assert_allclose(rows["NOG+OW+OLR over the SVD step"]["overhead_pct"], 500 / 102)
+    np.testing.assert_allclose(rows["SVD layer over plain BN"]["overhead_pct"], 2.0)
+    assert [r["meets_target"] for r in rows.values()] == [False, True, True]
+    table = step_timing.format_table(results, header="h")
+    assert "| svd | 42.0 | 60.0 | 102.0 | 1.050 | 1.000 | 1.020 | 44 / 95 |" in table
+    assert "MISSES" in step_timing.format_overheads(list(rows.values()))
