@@ -139,8 +139,8 @@ class CovariancePooling(nn.Module):
     x (B, H, W, C) -> 1x1 conv to ``dim`` channels without bias (the Pre-SVD layer, param
     ``pre_svd_conv/kernel``) -> BatchNorm (``bn``) -> ReLU (this feature, whose covariance
     the meta-layer decomposes, is sown to ``intermediates`` as ``"pre_svd_features"``)
-    -> per-image covariance of the (dim, H*W) feature -> matrix square root by ``method`` -> upper triangle with the
-    diagonal: (B, dim*(dim+1)/2), 32,896 values for dim 256.
+    -> per-image covariance of the (dim, H*W) feature -> matrix square root by ``method``
+    -> upper triangle with the diagonal: (B, dim*(dim+1)/2), 32,896 values for dim 256.
 
     Attributes:
       dim: channels of the reduction conv (256 in the paper).
