@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import _common
+from experiments.configs import cifar100_dbn
 from svdcond_jax.training.methods import METHODS as _ALL_METHODS
 
 TITLE = "Decorrelated BN, ResNet-50, CIFAR10 (Table 4)"
@@ -44,27 +44,9 @@ PAPER = {
     "newton_schulz": "4.20 ± 0.11 (4.11)",
 }
 
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """CIFAR10 decorrelated-BN recipe; `arg="runlocal"` gives a few-step local run."""
-    config = _common.base(
-        dataset="cifar10",
-        model="CifarResNet50",
-        task="dbn",
-        method="svd",
-        num_epochs=350,
-        batch_size=128,
-        eval_batch_size=500,
-        learning_rate=0.1,
-        momentum=0.9,
-        weight_decay=5e-4,
-        lr_boundaries_epochs=[100, 200, 300],
-        lr_decay=0.1,
-        dbn_eps=1e-2,
-        monitor_every_steps=100,
-        log_every_steps=100,
-        eval_every_epochs=5,
-        checkpoint_every_epochs=5,
-    )
-    if arg == "runlocal":
-        _common.runlocal(config)
+    """The CIFAR100 recipe on CIFAR10; `arg="runlocal"` gives a few-step local run."""
+    config = cifar100_dbn.get_config(arg)
+    config.dataset = "cifar10"
     return config
