@@ -150,7 +150,9 @@ def run_sweep(
             start = time.perf_counter()
             summary = train_fn(cfg, str(run_dir))
             walls[name] = time.perf_counter() - start
-            log(f"[{name}] val_error={summary.get('val_error')} "
+            error = summary.get("val_error")
+            error_text = "n/a" if error is None else f"{error:.2f}%"
+            log(f"[{name}] val_error={error_text} "
                 f"failures={summary.get('svd_failures')} wall={walls[name]:.0f}s")
     return walls
 
