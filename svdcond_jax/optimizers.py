@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from svdcond_jax._paths import path_str
 from svdcond_jax.transforms import (
     OptimalLearningRateState,
     nearest_orthogonal_gradient,
@@ -31,19 +32,8 @@ PreSvdSelection = str | Callable[[str, Any], bool] | Any
 pytree of bools with the params' structure."""
 
 
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(_key_str(k) for k in path)
-
-
 def _paths(params: optax.Params) -> list[str]:
-    return [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def pre_svd_mask(params: optax.Params, pre_svd: PreSvdSelection) -> Any:
@@ -72,11 +62,11 @@ def pre_svd_mask(params: optax.Params, pre_svd: PreSvdSelection) -> Any:
     if isinstance(pre_svd, str):
         regex = re.compile(pre_svd)
         mask = jax.tree_util.tree_map_with_path(
-            lambda p, _: regex.search(_path_str(p)) is not None, params
+            lambda p, _: regex.search(path_str(p)) is not None, params
         )
     elif callable(pre_svd):
         mask = jax.tree_util.tree_map_with_path(
-            lambda p, x: bool(pre_svd(_path_str(p), x)), params
+            lambda p, x: bool(pre_svd(path_str(p), x)), params
         )
     else:
         try:
@@ -153,15 +143,9 @@ def pre_svd_sgd(
         mask = pre_svd_mask(tree, pre_svd)
         return jax.tree_util.tree_map(lambda m: "pre_svd" if m else "other", mask)
 
-    other = optax.chain(
-        _sgd_tail(momentum, weight_decay), optax.scale_by_learning_rate(learning_rate)
-    )
-    if olr:
-        pre = optimal_learning_rate(learning_rate, inner=_sgd_tail(momentum, weight_decay))
-    else:
-        pre = optax.chain(
-            _sgd_tail(momentum, weight_decay), optax.scale_by_learning_rate(learning_rate)
-        )
+    tail = _sgd_tail(momentum, weight_decay)
+    other = optax.chain(tail, optax.scale_by_learning_rate(learning_rate))
+    pre = optimal_learning_rate(learning_rate, inner=tail) if olr else other
     if nog:
         pre = optax.chain(nearest_orthogonal_gradient(method=nog_method), pre)
     return optax.partition({"pre_svd": pre, "other": other}, labels)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from svdcond_jax._paths import path_str
 from svdcond_jax.orthogonal import POLAR_METHODS, as_matrix, polar_factor
 
 __all__ = [
@@ -24,17 +25,6 @@ __all__ = [
     "optimal_eta",
     "optimal_learning_rate",
 ]
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(_key_str(k) for k in path)
-
-
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def nearest_orthogonal_gradient(
@@ -82,7 +72,7 @@ def nearest_orthogonal_gradient(
     def leaf_fn(path: tuple[Any, ...], g: jax.Array) -> jax.Array:
         if g.ndim < 2:
             raise ValueError(
-                f"nearest_orthogonal_gradient: parameter {_path_str(path)!r} has shape "
+                f"nearest_orthogonal_gradient: parameter {path_str(path)!r} has shape "
                 f"{g.shape}; NOG needs ndim >= 2 (mask it out with optax.masked)"
             )
         m, back = as_matrix(g)

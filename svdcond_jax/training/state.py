@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +23,7 @@ import optax
 from flax.training import train_state
 
 from svdcond_jax import models
-from svdcond_jax.optimizers import pre_svd_sgd
+from svdcond_jax.optimizers import pre_svd_mask, pre_svd_sgd
 from svdcond_jax.training.methods import MethodSpec, model_options, parse_method, resolve_task
 
 STEM_PATTERN = r"^stem_conv/kernel$"  # monitored layer of "bn" (no Pre-SVD layer)
@@ -114,10 +113,15 @@ def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
 
 
 def find_param(params: Any, pattern: str) -> jax.Array:
-    """The single parameter whose '/'-joined path matches ``pattern`` (ValueError otherwise)."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    found = [leaf for path, leaf in leaves
-             if re.search(pattern, "/".join(str(getattr(k, "key", k)) for k in path))]
+    """The single parameter whose '/'-joined path matches ``pattern`` (ValueError otherwise).
+
+    Selection as in the optimizer (:func:`svdcond_jax.pre_svd_mask`), which raises with the
+    available paths when nothing matches.
+    """
+    mask = pre_svd_mask(params, pattern)
+    found = [leaf for leaf, selected in zip(jax.tree_util.tree_leaves(params),
+                                            jax.tree_util.tree_leaves(mask), strict=True)
+             if selected]
     if len(found) != 1:
         raise ValueError(f"pattern {pattern!r} matches {len(found)} parameters, expected 1")
     return found[0]
