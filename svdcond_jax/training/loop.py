@@ -103,6 +103,7 @@ def evaluate(config: Any, data: input_pipeline.Data, par: steps.Parallel,
 
 
 def _olr_eta(opt_state: Any) -> float | None:
+    """OLR's last eta as a float; reads one scalar (a pmap state's first replica)."""
     eta = find_olr_eta(opt_state)
     return None if eta is None else float(np.asarray(eta).reshape(-1)[0])
 
@@ -121,10 +122,9 @@ def conditioning_record(setup: Setup, par: steps.Parallel, state: TrainState,
     feats = _addressable(par.features_step(state, batch))
     record = monitor.conditioning_stats(feats, eps=setup.monitor_eps,
                                         per_image=setup.task == "gcp" and setup.spec.uses_svd)
-    host = par.host_state(state)
-    kernel = np.asarray(jax.device_get(_find_param(host.params, setup.pre_svd_pattern)))
-    record["weight_norm"] = float(np.linalg.norm(kernel.astype(np.float64)))
-    record["olr_eta"] = _olr_eta(host.opt_state) if setup.spec.olr else None
+    kernel = par.host_state(_find_param(state.params, setup.pre_svd_pattern))
+    record["weight_norm"] = float(np.linalg.norm(np.asarray(kernel, np.float64)))
+    record["olr_eta"] = _olr_eta(state.opt_state) if setup.spec.olr else None
     return record
 
 
@@ -233,8 +233,7 @@ def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
             record = writer.write(done, "train", {
                 "loss": metrics["loss"], "accuracy": metrics["accuracy"],
                 "learning_rate": metrics["learning_rate"],
-                "olr_eta": _olr_eta(par.host_state(state).opt_state) if setup.spec.olr
-                else None,
+                "olr_eta": _olr_eta(state.opt_state) if setup.spec.olr else None,
                 "svd_failures": metrics["svd_failures"], "epoch": epoch})
             postfix.update(loss=f"{record['loss']:.3f}" if record["loss"] is not None
                            else "nan", acc=f"{record['accuracy']:.3f}",
