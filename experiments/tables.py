@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from svdcond_jax.training import writers
+from svdcond_jax.training.writers import METRICS_FILE
+
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
@@ -54,29 +56,6 @@ class Run:
     train: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Reads a JSON-lines metrics file, skipping blank or truncated lines.
-
-    A run that was interrupted mid-write can leave a partial last line; it is ignored.
-
-    Args:
-      path: a `metrics.jsonl` file.
-
-    Returns:
-      The records, in file order.
-    """
-    records = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def load_run(path: str | Path, *, method: str | None = None, seed: int | None = None) -> Run:
     """Loads one run's metrics file into a `Run`.
 
@@ -94,7 +73,7 @@ def load_run(path: str | Path, *, method: str | None = None, seed: int | None = 
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    records = read_metrics(path)
+    records = writers.read_metrics(str(path.parent))
     summaries = [r for r in records if r.get("kind") == "summary"]
     summary = summaries[-1] if summaries else {}
     if method is None:

@@ -126,6 +126,17 @@ def test_writer_records_are_plain_json(tmp_path):
     assert [r["kind"] for r in writers.read_metrics(str(tmp_path))] == ["train", "eval"]
 
 
+def test_a_line_cut_by_a_crash_does_not_break_reading_or_resume(tmp_path):
+    w = writers.MetricsWriter(str(tmp_path), tensorboard=False)
+    w.write(1, "train", {"loss": 0.5})
+    w.close()
+    with open(tmp_path / writers.METRICS_FILE, "a") as f:
+        f.write('{"step": 2, "kind": "tra')  # killed mid-write
+    assert [r["step"] for r in writers.read_metrics(str(tmp_path))] == [1]
+    writers.truncate_metrics(str(tmp_path), 1)  # what resume does
+    assert [r["step"] for r in writers.read_metrics(str(tmp_path))] == [1]
+
+
 # ----------------------------------------------------------------------------- steps
 
 

@@ -43,12 +43,21 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of ``workdir/metrics.jsonl`` (optionally of one kind), in file order."""
+    """All records of ``workdir/metrics.jsonl`` (optionally of one kind), in file order.
+
+    A run killed mid-write can leave a partial last line; such a line is skipped, so resume
+    and reporting still work.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # blank or truncated line
+                continue
     return [r for r in records if kind is None or r["kind"] == kind]
 
 
