@@ -3,7 +3,7 @@
 The main panel is kappa(P + eps*I), the condition number (Eq. 1) of the matrix the
 meta-layer actually decomposes, read in float64 from the run's "conditioning" records.
 The raw covariance P is often singular (a 3x3 stem from C_in channels has rank at most
-9*C_in; a GCP covariance from 49 samples has rank <= 49 < 256; algorithms.md section 1),
+9*C_in; a GCP covariance from 49 samples has rank <= 49 < 256; docs/conditioning.md),
 so its float64 kappa (~1e15-1e16) is not a number worth drawing. The second panel draws
 raw kappa(P) only at steps where P is non-singular and marks singular steps with "x"
 along its top edge (legend: "raw P singular, rank r/d"); the third shows the numerical

@@ -6,9 +6,9 @@ final validation error, the SVD-failure count and the final/median condition num
 "conditioning" records give the numerical rank of the Pre-SVD covariance.
 
 Per method we report what the paper reports in Tables 1-4 (validation error over seeds,
-mean +- std and min; algorithms.md section 8) and Table 5 (the number of SVD failures),
+mean +- std and min; docs/applications.md) and Table 5 (the number of SVD failures),
 plus the conditioning of Figs. 1-5: kappa(P + eps*I) (the matrix the meta-layer really
-decomposes) and whether the raw covariance was singular (algorithms.md section 1).
+decomposes) and whether the raw covariance was singular (docs/conditioning.md).
 
 Example:
     >>> rows = aggregate(collect_runs("runs/cifar100"))        # doctest: +SKIP
@@ -261,7 +261,7 @@ def markdown_table(
     (Table 5: total over runs, and how many runs had any), kappa(P + eps*I) final and
     median (Figs. 1-5), the raw covariance's kappa, final ("singular (rank r/d)" where it
     is singular) and median over the non-singular monitored steps, the growth of
-    the Pre-SVD weight norm over training (section 1: NOG inflates it), the training
+    the Pre-SVD weight norm over training (docs/conditioning.md: NOG inflates it), the training
     time (mean per run, from the summary), the wall time per method when rows carry
     "wall_s" (compilation included), and the paper's number when `paper` is given.
 

@@ -4,7 +4,7 @@ Public API: :func:`covariance`, :func:`sqrtm`, :func:`inv_sqrtm`,
 :func:`sqrtm_and_inv_sqrtm`, :data:`METHODS`, :func:`condition_number` (Eq. 1, in jax) and
 the host-side float64 monitors :func:`eigvalsh_f64`, :func:`condition_number_f64`.
 
-Methods (algorithms.md sections 2-4):
+Methods (docs/meta_layer.md):
 
 * ``"eigh"``: eigendecomposition, ``jax.custom_vjp`` backward. Options: ``backward``
   ("exact" closed-form Daleckii-Krein rule, default; or "taylor", the paper's Eqs. 5-8 with
@@ -16,7 +16,7 @@ Methods (algorithms.md sections 2-4):
 
 ``eig_floor`` is relative: eigenvalues are clamped at ``eig_floor * lambda_max``. The default
 (None) is the machine epsilon of the compute dtype (1.19e-7 in float32, 2.2e-16 in float64):
-eigenvalues below eps * lambda_max are rounding noise (algorithms.md section 1), so clamping
+eigenvalues below eps * lambda_max are rounding noise (docs/conditioning.md), so clamping
 there changes nothing measurable yet keeps rank-deficient inputs (GCP: 49 samples, d = 256)
 finite in value and gradient. The custom backward rules are evaluated at the clamped
 spectrum (the paper's Eq. 6 with the clamped Lambda, as the reference code does): where no
@@ -29,7 +29,7 @@ eigenvalues geometric in [1/kappa, 1], measured): [5/5] Pade sqrt / inverse sqrt
 6e-6 / 9e-6 at kappa = 2, 3e-3 / 1.5e-2 at kappa = 20, 9e-3 / 6e-2 at kappa = 50,
 9e-2 / 0.63 at kappa = 1e3; Newton-Schulz with 5 iterations 2e-3 / 3e-3, 3e-2 / 0.12,
 4e-2 / 0.23, 5e-2 / 0.77. The inverse roots amplify the error at the small end of the
-spectrum; both solvers need larger kappa-dependent effort (algorithms.md section 4).
+spectrum; both solvers need larger kappa-dependent effort (docs/meta_layer.md).
 
 All functions symmetrise their input, accept any number of batch dims, work under jit, vmap
 and grad, compute bfloat16/float16 input in float32 and return the input dtype. The custom
@@ -291,8 +291,8 @@ def condition_number_f64(p: Any, *, eps: float = 0.0) -> np.ndarray | float:
     resolved below that level and any kappa above ~1e6 read in float32 is noise. The paper's
     curves reach 1e12-1e16, so the matrix is converted to float64 and decomposed with NumPy
     (error ~2e-16 * lambda_max). Note a covariance *computed* in float32 already carries
-    float32 rounding; compute it in float64 too for faithful readings (algorithms.md
-    section 1). Returns inf where lambda_min <= 0.
+    float32 rounding; compute it in float64 too for faithful readings
+    (docs/conditioning.md). Returns inf where lambda_min <= 0.
 
     Args:
       p: (..., d, d) symmetric PSD matrices (jax or NumPy).

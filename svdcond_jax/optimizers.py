@@ -3,7 +3,7 @@
 :func:`pre_svd_sgd` reproduces torch.optim.SGD (coupled L2 weight decay, momentum with
 dampening 0, then the learning rate) on every parameter, with the Nearest Orthogonal
 Gradient applied to the raw gradient of the Pre-SVD parameter and the Optimal Learning Rate
-replacing its learning rate (algorithms.md sections 5, 6 and 10). The Pre-SVD selection is
+replacing its learning rate (docs/nog_olr.md and docs/reference_code.md). The Pre-SVD selection is
 explicit and fails loudly when it matches nothing (the reference's OLR silently matched no
 parameter after DataParallel renamed them).
 """

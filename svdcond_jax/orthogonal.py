@@ -8,7 +8,7 @@ Pure functions, no Flax and no optax:
 * :func:`orthogonality_loss` is the soft orthogonality penalty of Eq. 12;
 * :func:`skew_symmetric_expm` is the orthogonal parametrisation ``exp(A - A^T)`` of Eq. 13.
 
-See algorithms.md sections 5 and 7.
+See docs/nog_olr.md and docs/weight_treatments.md.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def as_matrix(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]
     A Flax dense kernel ``(in, out)`` is unchanged; an HWIO conv kernel ``(kh, kw, in, out)``
     becomes ``(kh*kw*in, out)``. This is the transpose of the reference's
     ``(out, in*kh*kw)`` up to a row permutation, which the polar factor commutes with
-    (algorithms.md section 5).
+    (docs/nog_olr.md).
 
     Args:
       x: array with ``x.ndim >= 2``.

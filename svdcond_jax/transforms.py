@@ -5,7 +5,7 @@
   optimal learning rate of Eq. 20 clipped by the switch of Eq. 21.
 
 Both are meant to be applied only to the Pre-SVD parameter; :mod:`svdcond_jax.optimizers`
-masks them. See algorithms.md sections 5, 6 and 10.
+masks them. See docs/nog_olr.md and docs/reference_code.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def nearest_orthogonal_gradient(
     Every leaf ``g`` is reshaped with :func:`~svdcond_jax.orthogonal.as_matrix` to
     ``(prod(shape[:-1]), shape[-1])``, replaced by its polar factor ``U V^T`` (all singular
     values set to 1, no rescaling by the gradient norm) and reshaped back. Apply it to the RAW
-    gradient, before weight decay and momentum (algorithms.md section 5), and only to the
+    gradient, before weight decay and momentum (docs/nog_olr.md), and only to the
     Pre-SVD parameter (wrap it in ``optax.masked``). A zero gradient gives a zero update.
 
     Args:
@@ -158,9 +158,9 @@ def optimal_learning_rate(
     to ``lr_t``. The output is ``-eta * inner(l)``: with
     ``inner = chain(add_decayed_weights(wd), trace(momentum))`` eta multiplies the whole
     momentum step ``buf = m buf + (l + wd w)`` exactly as torch.optim.SGD with the layer's
-    learning rate replaced by eta (algorithms.md section 6). ``inner=None`` means identity.
+    learning rate replaced by eta (docs/nog_olr.md). ``inner=None`` means identity.
 
-    Proposition 1 erratum (algorithms.md section 6). The paper states that for orthogonal
+    Proposition 1 erratum (docs/nog_olr.md). The paper states that for orthogonal
     ``W`` and ``l`` with ``N`` rows, ``1/(N^2+2) <= eta* <= N^2/(N^2+2)``. Its proof
     (appendix Eq. 39) assumes ``<l, W>_F >= sigma_min(l) sigma_min(W) = 1``, which is false:
     the Frobenius product of two orthogonal matrices can be anything in ``[-N, N]``. With

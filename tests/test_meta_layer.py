@@ -1,4 +1,4 @@
-"""Tests for the SVD meta-layer (Eqs. 1-8; algorithms.md sections 1-4)."""
+"""Tests for the SVD meta-layer (Eqs. 1-8; docs/conditioning.md and docs/meta_layer.md)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_every_method_float32_forward(method):
 
 
 def test_rank_deficient_forward_is_finite_and_clamped():
-    """GCP case (algorithms.md section 1): N < d gives a singular covariance."""
+    """GCP case (docs/conditioning.md): N < d gives a singular covariance."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 5))
     p = covariance(x)
     q, s = sqrtm_and_inv_sqrtm(p)
@@ -350,7 +350,7 @@ def test_condition_numbers(x64):
 
 
 def test_float32_cannot_measure_large_kappa():
-    """algorithms.md section 1: float32 eigenvalues of a kappa = 1e10 matrix are noise."""
+    """docs/conditioning.md: float32 eigenvalues of a kappa = 1e10 matrix are noise."""
     rng = np.random.default_rng(18)
     p = random_spd(rng, 16, 1e10)
     assert condition_number_f64(p) == pytest.approx(1e10, rel=1e-3)

@@ -35,7 +35,7 @@ def _schedule():
 
 
 def _emulate_f64(ref, nog: bool, olr: bool, lrs=(0.1,) * 3 + (0.01,) * 4):
-    """Float64 NumPy emulation of the reference step (algorithms.md sections 5-6)."""
+    """Float64 NumPy emulation of the reference step (docs/nog_olr.md)."""
     params = {p: ref["init:" + p].copy() for p in PATHS}
     bufs = {p: None for p in PATHS}
     etas = []

@@ -1,4 +1,4 @@
-"""Tests for the covariance pooling (GCP) head (Eq. 44, algorithms.md section 9)."""
+"""Tests for the covariance pooling (GCP) head (Eq. 44, docs/applications.md)."""
 
 import jax
 import jax.numpy as jnp

@@ -168,7 +168,7 @@ def test_proposition1_paper_lower_bound_fails(x64):
     below = (ts > 0) & (etas < 1 / (n**2 + 2))
     frac = below.sum() / (ts > 0).sum()
     assert below.any(), "expected a counterexample to the paper's lower bound"
-    assert 0.01 < frac < 0.2  # about 6% (algorithms.md section 6)
+    assert 0.01 < frac < 0.2  # about 6% (docs/nog_olr.md)
 
 
 # ------------------------------------------------------------------------------ OLR transform

@@ -1,4 +1,4 @@
-"""Tests for DecorrelatedBatchNorm (ZCA whitening, Eq. 43, algorithms.md section 8)."""
+"""Tests for DecorrelatedBatchNorm (ZCA whitening, Eq. 43, docs/applications.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,7 @@ def test_rank_deficient_input_is_bounded_by_eps(seed):
     eps = 1e-2
     x = _rank_deficient(seed)
     lam = np.linalg.eigvalsh(_cov64(x))
-    assert np.sum(lam > 1e-6 * lam.max()) <= 27  # rank-deficient as algorithms.md section 1
+    assert np.sum(lam > 1e-6 * lam.max()) <= 27  # rank-deficient as docs/conditioning.md
     layer = DecorrelatedBatchNorm(use_running_average=False, epsilon=eps)
     y, stats, _ = _train_apply(layer, x)
     assert np.all(np.isfinite(np.asarray(y)))

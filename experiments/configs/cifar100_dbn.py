@@ -2,7 +2,7 @@ r"""Decorrelated BN on CIFAR100 with ResNet-50 (Tables 1-4, Figs. 1-4; Appendix 
 
 The stem BN after the first 3x3 stride-1 conv of a CIFAR ResNet-50 is replaced by ZCA
 whitening through the SVD meta-layer (eps = 1e-2); the Pre-SVD layer is that 3x3 conv.
-Recipe (algorithms.md section 8): 350 epochs, batch 128, SGD lr 0.1 momentum 0.9 wd 5e-4,
+Recipe (docs/applications.md): 350 epochs, batch 128, SGD lr 0.1 momentum 0.9 wd 5e-4,
 lr /10 every 100 epochs; crop 32 pad 4 + flip; 10 seeds.
 
 Command (every method row, 10 seeds; CIFAR100 prepared by tfds under --data_dir):
@@ -35,8 +35,8 @@ from svdcond_jax.training.methods import METHODS as _ALL_METHODS
 TITLE = "Decorrelated BN, ResNet-50, CIFAR100 (Tables 1-4)"
 METHODS = _ALL_METHODS
 SEEDS = tuple(range(10))
-# The paper's numbers as extracted in shared/reference/paper.md (some cells are missing
-# there; those rows say so rather than guess).
+# The paper's numbers (cells that could not be read off the paper's tables say so rather
+# than guess).
 PAPER = {
     "svd": "19.99 ± 0.16 (19.80)",
     "svd+sn": "19.94 ± 0.33 (19.60)",

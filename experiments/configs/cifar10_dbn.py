@@ -2,7 +2,7 @@ r"""Decorrelated BN on CIFAR10 with ResNet-50 (Table 4; Appendix B.1).
 
 The stem BN after the first 3x3 stride-1 conv of a CIFAR ResNet-50 is replaced by ZCA
 whitening through the SVD meta-layer (eps = 1e-2); the Pre-SVD layer is that 3x3 conv.
-Recipe (algorithms.md section 8): 350 epochs, batch 128, SGD lr 0.1 momentum 0.9 wd 5e-4,
+Recipe (docs/applications.md): 350 epochs, batch 128, SGD lr 0.1 momentum 0.9 wd 5e-4,
 lr /10 every 100 epochs; crop 32 pad 4 + flip; 10 seeds.
 
 Command (every method row, 10 seeds; CIFAR10 prepared by tfds under --data_dir):
@@ -34,7 +34,7 @@ from svdcond_jax.training.methods import METHODS as _ALL_METHODS
 TITLE = "Decorrelated BN, ResNet-50, CIFAR10 (Table 4)"
 METHODS = _ALL_METHODS
 SEEDS = tuple(range(10))
-# Table 4's CIFAR10 column (cells missing from shared/reference/paper.md are left out).
+# Table 4's CIFAR10 column (cells we could not read off the paper are left out).
 PAPER = {
     "svd": "4.35 ± 0.09 (4.17)",
     "svd+sn": "4.31 ± 0.10 (4.15)",

@@ -6,7 +6,7 @@ CIFAR-style 3x3 stride-1 stem) has its stem BN replaced by decorrelated BN, so t
 layer is the stem conv and its output covariance is what the meta-layer whitens (eps=1e-2).
 The grey digits are repeated to 3 channels, so the 3x3 stem sees 9-dimensional patches and
 its 16-channel output covariance has rank <= 9 < 16: singular, like the paper's CIFAR stem
-(rank <= 27 < 64; algorithms.md section 1), unless the stem is orthogonal (SOC, "+ow").
+(rank <= 27 < 64; docs/conditioning.md), unless the stem is orthogonal (SOC, "+ow").
 Same recipe shape as the paper's CIFAR one (SGD lr 0.1 momentum 0.9 wd 5e-4, step decay),
 scaled down to minutes.
 
@@ -24,7 +24,7 @@ What to look for (not the paper's CIFAR numbers: 1,497 training images, 16-chann
 the conditioning columns and `conditioning.png` -- kappa(P + eps*I) of the matrix the
 decorrelated BN decomposes and the raw kappa(P) -- per method, the SVD-failure column
 (svd_autodiff is plain autodiff through eigh), and the Pre-SVD weight-norm growth under
-NOG (algorithms.md section 1).
+NOG (docs/conditioning.md).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@ r"""Global covariance pooling on ImageNet with ResNet-18 (Table 5, Fig. 5; Appen
 The global average pool is replaced by a 1x1 conv to 256 channels + BN + ReLU, the
 covariance of the 256 x (7*7) feature per image, its matrix square root through the SVD
 meta-layer, and the upper triangle (32,896 values) into the FC layer. The Pre-SVD layer is
-that 1x1 conv. The covariance has rank <= 49 < 256 by construction (algorithms.md
-section 1), so the raw kappa is "singular" for every method; the plot shows the rank.
-Recipe (algorithms.md section 9): 60 epochs, batch 256, SGD lr 0.1 momentum 0.9 wd 1e-4,
+that 1x1 conv. The covariance has rank <= 49 < 256 by construction
+(docs/conditioning.md), so the raw kappa is "singular" for every method; the plot shows
+the rank.
+Recipe (docs/applications.md): 60 epochs, batch 256, SGD lr 0.1 momentum 0.9 wd 1e-4,
 lr /10 at epochs 30 and 45; resize 256, random crop 224, flip; one run per method.
 
 Command (ImageNet must be prepared by tfds, manual download in <data_dir>/downloads/manual;

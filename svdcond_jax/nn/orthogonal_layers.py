@@ -1,4 +1,4 @@
-"""Pre-SVD weight treatments as Flax linen layers (paper Sec. 4.2, algorithms.md section 7).
+"""Pre-SVD weight treatments as Flax linen layers (paper Sec. 4.2, docs/weight_treatments.md).
 
 * :class:`SpectralNormConv`: ``W / sigma_max(W)`` (Eq. 11), power iteration as in Miyato et al.
 * :class:`OrthogonalDense`: ``W = exp(A - A^T)`` (Eq. 13).
@@ -7,7 +7,7 @@
 
 All are called as ``layer(x, train)`` on NHWC input (dense: ``(..., in)``). The trainable
 weight is the param ``"kernel"``: the raw, unconstrained parameter for OW/SOC, which is what
-NOG/OLR act on (algorithms.md section 6). Power-iteration vectors live in the
+NOG/OLR act on (docs/nog_olr.md). Power-iteration vectors live in the
 ``"batch_stats"`` collection and are only updated when ``train=True`` (pass
 ``mutable=["batch_stats"]``).
 
@@ -244,7 +244,7 @@ def fantastic_four_matrices(kernel: jax.Array) -> tuple[jax.Array, ...]:
 class SkewOrthogonalConv(nn.Module):
     """Skew Orthogonal Convolution (SOC): ``y = exp(L) x`` for a skew-symmetric conv ``L``.
 
-    Follows algorithms.md section 7 (the reference's OW for conv layers, Eq. 13's
+    Follows docs/weight_treatments.md (the reference's OW for conv layers, Eq. 13's
     convolutional analogue): param ``P`` of shape ``(kh, kw, c, c)`` HWIO with
     ``c = max(in, out)``, N(0, 1/c) init; ``L = (P - P^T)/2`` where ``P^T`` is
     :func:`conv_transpose_kernel` (so the stride-1 "SAME" conv with ``L`` is exactly a

@@ -1,9 +1,9 @@
 """Global covariance pooling (GCP) head: matrix square root of per-image covariances.
 
 Implements the GCP head of the paper's second application (Appendix B.2, Eq. 44;
-algorithms.md section 9) and the factory for the Pre-SVD convolution shared with the
+docs/applications.md) and the factory for the Pre-SVD convolution shared with the
 ResNets (plain conv, spectral norm "sn", or orthogonal weight "ow" = skew orthogonal
-convolution; Sec. 4.2, algorithms.md section 7).
+convolution; Sec. 4.2, docs/weight_treatments.md).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def covariance_sqrt_features(
 
 
 class CovariancePooling(nn.Module):
-    """GCP head (Appendix B.2, algorithms.md section 9): reduce conv, BN, ReLU, sqrt-cov.
+    """GCP head (Appendix B.2, docs/applications.md): reduce conv, BN, ReLU, sqrt-cov.
 
     x (B, H, W, C) -> 1x1 conv to ``dim`` channels without bias (the Pre-SVD layer, param
     ``pre_svd_conv/kernel``) -> BatchNorm (``bn``) -> ReLU (this feature, whose covariance

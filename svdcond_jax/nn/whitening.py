@@ -1,7 +1,7 @@
 """Decorrelated batch normalisation: ZCA whitening through the SVD meta-layer.
 
 Implements the whitening layer of the paper's decorrelated-BN application (Appendix B.1,
-Eq. 43; algorithms.md section 8). The layer is a drop-in replacement for
+Eq. 43; docs/applications.md). The layer is a drop-in replacement for
 ``flax.linen.BatchNorm`` (same fields where they make sense and the same
 ``__call__(x, use_running_average=None)`` convention), so a ResNet can inject it as its
 stem norm.
@@ -74,7 +74,7 @@ def group_moments(
 
 
 class DecorrelatedBatchNorm(nn.Module):
-    """ZCA-whitening batch norm (decorrelated BN), Eq. 43 / algorithms.md section 8.
+    """ZCA-whitening batch norm (decorrelated BN), Eq. 43 / docs/applications.md.
 
     Training mode: the features x of shape (..., C) (NHWC, features last) are flattened to
     X (C, N), N = batch*H*W, split into ``groups`` equal channel groups, and each group is

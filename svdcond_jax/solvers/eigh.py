@@ -2,10 +2,10 @@
 
 Forward: P = U diag(lambda) U^T via ``jnp.linalg.eigh`` (P is symmetric PSD, so the SVD of
 the paper is an eigendecomposition, and eigh is ~2x cheaper than svd). Eigenvalues are
-clamped at ``eig_floor * lambda_max`` before sqrt / inverse sqrt (algorithms.md section 1:
+clamped at ``eig_floor * lambda_max`` before sqrt / inverse sqrt (docs/conditioning.md:
 rank-deficient covariances are the normal case in GCP and decorrelated BN).
 
-Backward (``jax.custom_vjp``), algorithms.md section 3:
+Backward (``jax.custom_vjp``), docs/meta_layer.md:
 
 * ``"exact"``: the Daleckii-Krein rule dl/dP = U [(U^T sym(G) U) o F] U^T with the closed
   forms F_ij = 1/(s_i + s_j) (sqrt) and F_ij = -1/(s_i s_j (s_i + s_j)) (inverse sqrt),
@@ -35,7 +35,7 @@ def default_eig_floor(dtype: jnp.dtype) -> float:
     """Default relative eigenvalue floor: the machine epsilon of the compute dtype.
 
     The eigenvalues of a matrix stored in a floating-point format carry absolute errors of
-    about eps * lambda_max (algorithms.md section 1), so eigenvalues below that level are
+    about eps * lambda_max (docs/conditioning.md), so eigenvalues below that level are
     indistinguishable from zero; clamping there loses no information and caps the condition
     number the meta-layer sees at 1/eps (~8e6 in float32, ~4.5e15 in float64).
     """
@@ -97,7 +97,7 @@ def _taylor_k(lam: Array, degree: int) -> Array:
 
 
 def _exact_grad(u: Array, s: Array, g_sqrt: Array | None, g_inv: Array | None) -> Array:
-    """Daleckii-Krein gradient with the closed-form divided differences (section 3)."""
+    """Daleckii-Krein gradient with the closed-form divided differences (docs/meta_layer.md)."""
     si, sj = s[..., :, None], s[..., None, :]
     inner = 0
     if g_sqrt is not None:
@@ -183,7 +183,7 @@ def autodiff_matrix_functions(
     """Same forward as :func:`matrix_functions`, plain autodiff through ``jnp.linalg.eigh``.
 
     The failing baseline: its backward divides by eigenvalue differences, so it is NaN for an
-    identity or any repeated eigenvalue (stack-notes.md, measured).
+    identity or any repeated eigenvalue (measured with jax 0.10.2).
     """
     floor = default_eig_floor(p.dtype) if eig_floor is None else float(eig_floor)
     u, s = _eigh(p, floor)

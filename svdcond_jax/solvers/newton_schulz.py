@@ -1,4 +1,4 @@
-"""Coupled Newton-Schulz iteration (iSQRT-COV), algorithms.md section 4.
+"""Coupled Newton-Schulz iteration (iSQRT-COV), docs/meta_layer.md.
 
 A = P / tr(P); Y_0 = A, Z_0 = I; T = (3I - Z Y)/2, Y <- Y T, Z <- T Z for N-1 steps, and a
 last step Y_N = Y (3I - Z Y)/2. Then P^{1/2} ~ sqrt(tr P) Y_N and P^{-1/2} ~ Z_N / sqrt(tr P),

@@ -1,4 +1,4 @@
-"""MPA-Lya: [5/5] Pade forward, Lyapunov backward (algorithms.md section 4).
+"""MPA-Lya: [5/5] Pade forward, Lyapunov backward (docs/meta_layer.md).
 
 Forward: A = P / ||P||_F, Z = I - A, sqrt(A) ~ Q(Z)^{-1} P(Z) with the [5/5] Pade
 approximant of sqrt(1 - z); P^{1/2} = sqrt(||P||_F) solve(Q, P) and

@@ -17,7 +17,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Returns the default configuration (algorithms.md section 8 recipe, scaled down).
+    """Returns the default configuration (docs/applications.md recipe, scaled down).
 
     Returns:
         A ConfigDict with data, model, method, optimiser, logging and parallelism fields.

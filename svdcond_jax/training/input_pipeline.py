@@ -5,7 +5,7 @@ per-epoch deterministic shuffle -> stateless augmentation -> batch -> numpy. The
 and the augmentation are pure functions of ``(config.seed, epoch, index)``, so a run resumed
 at step ``s`` sees exactly the batches an uninterrupted run would (``start_batch``).
 
-Datasets (algorithms.md sections 8-9):
+Datasets (docs/applications.md):
 - ``cifar10``/``cifar100``: random crop 32 with 4 zero padding, horizontal flip, normalise
   with mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010).
 - ``imagenet2012`` (manual download): resize the shorter side to ``image_size * 256 / 224``,
@@ -15,7 +15,7 @@ Datasets (algorithms.md sections 8-9):
   permutation (seed 0) gives 1,497 training and 300 validation images. Pixels are scaled to
   [0, 1], bilinearly upsampled to ``image_size`` (16) and repeated to 3 channels, so the
   stem is a 3 -> C convolution as on CIFAR (and its output covariance has the same
-  rank <= 27 deficiency, algorithms.md section 1). Augmentation is a random crop with
+  rank <= 27 deficiency, docs/conditioning.md). Augmentation is a random crop with
   ``image_size // 8`` zero padding and NO horizontal flip (a flip changes a digit's
   identity). Normalisation uses the training split's mean and std.
 
@@ -241,7 +241,7 @@ def train_batches(data: Data, *, batch_size: int, seed: int, epoch: int,
 
     The order and the augmentation depend only on ``(seed, epoch)`` (and each example's
     position), so ``start_batch=k`` continues exactly where an interrupted epoch stopped.
-    CIFAR uses padding 4 = 32 // 8 (algorithms.md section 8); ImageNet skips the padding crop
+    CIFAR uses padding 4 = 32 // 8 (docs/applications.md); ImageNet skips the padding crop
     (it random-crops after resizing instead).
 
     Args:

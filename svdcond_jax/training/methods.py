@@ -1,15 +1,16 @@
 """The paper's method rows (Tables 1-6) as model options plus optimizer flags.
 
 Each name is a row of the paper: ``svd`` is the SVD meta-layer with the custom backward
-(algorithms.md section 3); ``+sn``/``+ow`` change the Pre-SVD layer (section 7; SN = spectral
-norm, OW = orthogonal weight via SOC); ``+ol`` adds the orthogonality loss (Eq. 12);
+(docs/meta_layer.md); ``+sn``/``+ow`` change the Pre-SVD layer
+(docs/weight_treatments.md; SN = spectral norm, OW = orthogonal weight via SOC);
+``+ol`` adds the orthogonality loss (Eq. 12);
 ``+nog``/``+olr`` turn on the Pre-SVD gradient treatments of ``pre_svd_sgd`` (Eqs. 14-21).
 ``bn`` is the plain network (BatchNorm stem, average pooling; no SVD anywhere; the
 conditioning monitor still reads its stem conv output with eps = ``config.dbn_eps``, the
 paper's "BN" curves ~1e3),
 ``newton_schulz`` replaces the eigendecomposition by 5 (``config.ns_iters``) Newton-Schulz
 iterations and ``svd_autodiff`` differentiates ``jnp.linalg.eigh`` with plain autodiff (the
-failing baseline; section 3).
+failing baseline; docs/meta_layer.md).
 
 Example:
     >>> from svdcond_jax.training.methods import parse_method

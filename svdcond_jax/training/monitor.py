@@ -1,4 +1,4 @@
-"""Float64 conditioning telemetry of the Pre-SVD output (Eqs. 1-2; algorithms.md section 1).
+"""Float64 conditioning telemetry of the Pre-SVD output (Eqs. 1-2; docs/conditioning.md).
 
 The covariance the meta-layer decomposes is computed on the host in float64 from the Pre-SVD
 layer's output features, and its eigenvalues come from ``meta_layer.eigvalsh_f64`` (float32

@@ -54,7 +54,7 @@ def create_learning_rate_fn(config: Any, steps_per_epoch: int) -> optax.Schedule
     """Piecewise-constant schedule: ``lr * lr_decay**k`` after the k-th boundary epoch.
 
     Step-based (boundaries at ``epoch * steps_per_epoch``), as the paper's recipe (lr 0.1,
-    /10 every 100 epochs, algorithms.md section 8; epochs 30/45 for GCP, section 9).
+    /10 every 100 epochs; epochs 30/45 for GCP; docs/applications.md).
 
     Args:
         config: reads learning_rate, lr_boundaries_epochs, lr_decay.

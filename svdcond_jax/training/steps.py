@@ -169,7 +169,7 @@ class Parallel:
 def create_mesh() -> Mesh:
     """1-D mesh over all devices (all processes), axis "data", Auto axis type.
 
-    ``jax.make_mesh`` defaults to Explicit axes (stack-notes); ``Mesh`` keeps Auto, so
+    ``jax.make_mesh`` defaults to Explicit axes; ``Mesh`` keeps Auto, so
     replicated/sharded inputs placed with ``NamedSharding`` need no annotations.
     """
     return Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
