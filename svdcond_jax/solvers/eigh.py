@@ -1,22 +1,28 @@
-"""Eigendecomposition solver (Eqs. 3-4) with exact or Taylor backward (Eqs. 5-8).
+"""Eigendecomposition solver (Eqs. 3-4) with the exact or the Taylor derivative (Eqs. 5-8).
 
 Forward: P = U diag(lambda) U^T via ``jnp.linalg.eigh`` (P is symmetric PSD, so the SVD of
 the paper is an eigendecomposition, and eigh is ~2x cheaper than svd). Eigenvalues are
 clamped at ``eig_floor * lambda_max`` before sqrt / inverse sqrt (docs/conditioning.md:
-rank-deficient covariances are the normal case in GCP and decorrelated BN).
+rank-deficient covariances are the normal case in GCP and decorrelated BN). An input with
+lambda_min < -sqrt(eps) ||P||_F is not PSD and gives NaN.
 
-Backward (``jax.custom_vjp``), docs/meta_layer.md:
+Derivative (``jax.custom_jvp``: ``jax.jvp``/``jacfwd`` and, transposed by jax,
+``jax.grad``/``vjp``), docs/meta_layer.md. Both rules are Daleckii-Krein forms
 
-* ``"exact"``: the Daleckii-Krein rule dl/dP = U [(U^T sym(G) U) o F] U^T with the closed
-  forms F_ij = 1/(s_i + s_j) (sqrt) and F_ij = -1/(s_i s_j (s_i + s_j)) (inverse sqrt),
-  s = sqrt(lambda). It contains no eigenvalue differences, so it is exact and finite for
-  repeated eigenvalues (identity input included).
-* ``"taylor"``: the paper's Eqs. 5-7 with K_ij = 1/(lambda_i - lambda_j) replaced by its
+    d f(P)[dP] = U [(U^T sym(dP) U) o F] U^T
+
+with a symmetric F, linear in dP and self-adjoint, so the gradient is the same expression
+with the cotangent G in place of dP:
+
+* ``"exact"``: F_ij = 1/(s_i + s_j) (sqrt) and F_ij = -1/(s_i s_j (s_i + s_j)) (inverse
+  sqrt), s = sqrt(lambda). No eigenvalue differences: exact and finite for repeated
+  eigenvalues (identity input included).
+* ``"taylor"``: the paper's Eqs. 5-8 with K_ij = 1/(lambda_i - lambda_j) replaced by its
   degree-``taylor_degree`` Taylor series (ref [46]); bounded at ties, biased near them.
 
 Clamped eigenvalues: both rules are evaluated at the clamped spectrum, i.e. they return the
-gradient of P' = U diag(max(lambda, floor)) U^T's function, treating the floor (which depends
-on lambda_max) as a constant. Where no eigenvalue is clamped this is the exact gradient.
+derivative of P' = U diag(max(lambda, floor)) U^T's function, treating the floor (which
+depends on lambda_max) as a constant. Where no eigenvalue is clamped this is exact.
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from svdcond_jax.solvers._common import Array, eigh, mm, mT, reconstruct, scale_cols, sym
+from svdcond_jax.solvers._common import (
+    Array,
+    eigh,
+    frobenius,
+    mm,
+    mT,
+    nan_where,
+    psd_tolerance,
+    reconstruct,
+    sym,
+)
 
 BACKWARDS = ("exact", "taylor")
 
@@ -43,27 +59,13 @@ def default_eig_floor(dtype: jnp.dtype) -> float:
 
 
 def clamp_eigenvalues(lam: Array, eig_floor: float) -> Array:
-    """Clamp ascending eigenvalues (..., d) at ``eig_floor * lambda_max``.
+    """Clamp ascending eigenvalues (..., d) at ``eig_floor * max(lambda_max, 0)``.
 
-    For an all-zero (or negative semi-definite) matrix lambda_max <= 0 and the scale 1 is
-    used instead, so the floor is ``eig_floor`` itself and the output stays finite.
+    Eigenvalues slightly below zero (rounding of a PSD matrix) become the floor. The zero
+    matrix has floor 0: its square root is exactly 0 (and its inverse square root 1/0).
     """
-    lam_max = lam[..., -1:]
-    scale = jnp.where(lam_max > 0, lam_max, jnp.ones_like(lam_max))
-    floor = jax.lax.stop_gradient(eig_floor * scale)
-    return jnp.maximum(lam, floor)
-
-
-def _eigh(p: Array, eig_floor: float) -> tuple[Array, Array]:
-    """Eigenvectors u (..., d, d) and clamped sqrt-eigenvalues s (..., d) of symmetric p."""
-    lam, u = eigh(p)
-    return u, jnp.sqrt(clamp_eigenvalues(lam, eig_floor))
-
-
-def _outputs(u: Array, s: Array, want_sqrt: bool, want_inv: bool):
-    q = reconstruct(u, s) if want_sqrt else None
-    inv = reconstruct(u, 1 / s) if want_inv else None
-    return q, inv
+    floor = eig_floor * jnp.maximum(lam[..., -1:], 0)
+    return jnp.maximum(lam, jax.lax.stop_gradient(floor))
 
 
 def taylor_geometric_sum(p: Array, degree: int) -> Array:
@@ -96,59 +98,63 @@ def _taylor_k(lam: Array, degree: int) -> Array:
     return k * (1 - jnp.eye(lam.shape[-1], dtype=lam.dtype))
 
 
-def _exact_grad(u: Array, s: Array, g_sqrt: Array | None, g_inv: Array | None) -> Array:
-    """Daleckii-Krein gradient with the closed-form divided differences (docs/meta_layer.md)."""
-    si, sj = s[..., :, None], s[..., None, :]
-    inner = 0
-    if g_sqrt is not None:
-        inner = inner + mm(mT(u), mm(sym(g_sqrt), u)) / (si + sj)
-    if g_inv is not None:
-        inner = inner - mm(mT(u), mm(sym(g_inv), u)) / (si * sj * (si + sj))
-    return mm(u, mm(inner, mT(u)))
-
-
-def _taylor_grad(
-    u: Array, s: Array, g_sqrt: Array | None, g_inv: Array | None, degree: int
+def divided_differences(
+    lam: Array, s: Array, power: float, backward: str, degree: int
 ) -> Array:
-    """The paper's Eqs. 5-7 with Taylor K; returns the symmetric part (A + A^T)/2 of Eq. 8."""
-    lam = s * s
-    dl_du = 0
-    dl_dlam = 0
-    for g, power in ((g_sqrt, 0.5), (g_inv, -0.5)):
-        if g is None:
-            continue
-        g2 = g + mT(g)
-        dl_du = dl_du + scale_cols(mm(g2, u), s**(2 * power))  # Eq. 5
-        diag = jnp.diagonal(mm(mT(u), mm(g, u)), axis1=-2, axis2=-1)
-        dl_dlam = dl_dlam + power * lam ** (power - 1) * diag  # Eq. 6
-    kt = mT(_taylor_k(lam, degree))
-    inner = kt * mm(mT(u), dl_du)
-    inner = inner + dl_dlam[..., None] * jnp.eye(lam.shape[-1], dtype=lam.dtype)
-    return sym(mm(u, mm(inner, mT(u))))  # Eq. 7, symmetrised as in Eq. 8
+    """The symmetric matrix F of the derivative U [(U^T sym(dP) U) o F] U^T of P^power.
+
+    ``power`` is 0.5 (square root) or -0.5 (inverse square root); lam are the (clamped)
+    eigenvalues and s = sqrt(lam). ``"exact"``: the divided differences of lambda^power in
+    closed form, F_ij = 1/(s_i + s_j) and -1/(s_i s_j (s_i + s_j)). ``"taylor"``: the paper's
+    Eqs. 5-8 rewritten (docs/meta_layer.md), F_ij = K_ij D_i + K_ji D_j (i != j) and
+    F_ii = power lambda_i^(power - 1), D = lambda^power, K the Taylor K of Eq. 7 built from
+    lam itself (never from s * s: eigenvalues one ulp apart would round to a tie).
+    """
+    si, sj = s[..., :, None], s[..., None, :]
+    if backward == "exact":
+        return 1 / (si + sj) if power > 0 else -1 / (si * sj * (si + sj))
+    d = s if power > 0 else 1 / s
+    k = _taylor_k(lam, degree)
+    off = k * d[..., :, None] + mT(k) * d[..., None, :]
+    diag = power * d / lam  # power * lambda^(power - 1)
+    return off + diag[..., None] * jnp.eye(lam.shape[-1], dtype=lam.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _spectrum(p: Array, eig_floor: float) -> tuple[Array, Array, Array, Array]:
+    """Eigenvectors u, clamped eigenvalues lam, s = sqrt(lam) and the not-PSD mask (...)."""
+    lam_raw, u = eigh(p)
+    lam = clamp_eigenvalues(lam_raw, eig_floor)
+    not_psd = lam_raw[..., 0] < -psd_tolerance(p.dtype) * frobenius(p)
+    return u, lam, jnp.sqrt(lam), not_psd
+
+
+def _values(u: Array, s: Array, not_psd: Array, want_sqrt: bool, want_inv: bool):
+    q = nan_where(not_psd, reconstruct(u, s)) if want_sqrt else None
+    inv = nan_where(not_psd, reconstruct(u, 1 / s)) if want_inv else None
+    return q, inv
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
 def _eigh_custom(
     p: Array, want_sqrt: bool, want_inv: bool, eig_floor: float, backward: str, degree: int
 ):
-    u, s = _eigh(p, eig_floor)
-    return _outputs(u, s, want_sqrt, want_inv)
+    u, _, s, not_psd = _spectrum(p, eig_floor)
+    return _values(u, s, not_psd, want_sqrt, want_inv)
 
 
-def _eigh_custom_fwd(p, want_sqrt, want_inv, eig_floor, backward, degree):
-    u, s = _eigh(p, eig_floor)
-    return _outputs(u, s, want_sqrt, want_inv), (u, s)
+@_eigh_custom.defjvp
+def _eigh_custom_jvp(want_sqrt, want_inv, eig_floor, backward, degree, primals, tangents):
+    (p,), (dp,) = primals, tangents
+    u, lam, s, not_psd = _spectrum(p, eig_floor)
+    rotated = mm(mT(u), mm(sym(dp), u))
 
+    def tangent(power: float) -> Array:
+        f = divided_differences(lam, s, power, backward, degree)
+        return nan_where(not_psd, mm(u, mm(rotated * f, mT(u))))
 
-def _eigh_custom_bwd(want_sqrt, want_inv, eig_floor, backward, degree, res, cts):
-    u, s = res
-    g_sqrt, g_inv = cts
-    if backward == "exact":
-        return (_exact_grad(u, s, g_sqrt, g_inv),)
-    return (_taylor_grad(u, s, g_sqrt, g_inv, degree),)
-
-
-_eigh_custom.defvjp(_eigh_custom_fwd, _eigh_custom_bwd)
+    dq = tangent(0.5) if want_sqrt else None
+    dinv = tangent(-0.5) if want_inv else None
+    return _values(u, s, not_psd, want_sqrt, want_inv), (dq, dinv)
 
 
 def matrix_functions(
@@ -160,10 +166,10 @@ def matrix_functions(
     taylor_degree: int = 100,
     eig_floor: float | None = None,
 ) -> tuple[Array | None, Array | None]:
-    """P^{1/2} and/or P^{-1/2} from one eigendecomposition (Eqs. 3-4), custom backward.
+    """P^{1/2} and/or P^{-1/2} from one eigendecomposition (Eqs. 3-4), custom derivative.
 
     Args:
-      p: symmetric PSD batch (..., d, d), float32 or float64.
+      p: symmetric batch (..., d, d), float32 or float64.
       want_sqrt: return P^{1/2}.
       want_inv: return P^{-1/2}.
       backward: "exact" (closed-form Daleckii-Krein) or "taylor" (Eqs. 5-7, ref [46]).
@@ -171,7 +177,7 @@ def matrix_functions(
       eig_floor: relative eigenvalue floor; None -> machine eps of p's dtype.
 
     Returns:
-      (sqrt or None, inverse sqrt or None).
+      (sqrt or None, inverse sqrt or None); NaN for the matrices that are not PSD.
     """
     floor = default_eig_floor(p.dtype) if eig_floor is None else float(eig_floor)
     return _eigh_custom(p, want_sqrt, want_inv, floor, backward, int(taylor_degree))
@@ -182,9 +188,9 @@ def autodiff_matrix_functions(
 ) -> tuple[Array | None, Array | None]:
     """Same forward as :func:`matrix_functions`, plain autodiff through ``jnp.linalg.eigh``.
 
-    The failing baseline: its backward divides by eigenvalue differences, so it is NaN for an
-    identity or any repeated eigenvalue (measured with jax 0.10.2).
+    The failing baseline: its derivative divides by eigenvalue differences, so it is NaN for
+    an identity or any repeated eigenvalue (measured with jax 0.10.2).
     """
     floor = default_eig_floor(p.dtype) if eig_floor is None else float(eig_floor)
-    u, s = _eigh(p, floor)
-    return _outputs(u, s, want_sqrt, want_inv)
+    u, _, s, not_psd = _spectrum(p, floor)
+    return _values(u, s, not_psd, want_sqrt, want_inv)
