@@ -128,7 +128,7 @@ def covariance_sqrt_features(
     batch, height, width, dim = x.shape
     feats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     feats = jnp.swapaxes(feats.reshape(batch, height * width, dim), -1, -2)  # (B, d, HW)
-    cov = meta_layer.covariance(feats)
+    cov = meta_layer.covariance(feats, layout="features_first")
     root = meta_layer.sqrtm(cov, method=method, **(method_kwargs or {}))
     return upper_triangle(root)
 

@@ -65,7 +65,7 @@ def group_moments(
     """
     mean = jnp.mean(xg, axis=-1)
     if axis_name is None:
-        return mean, meta_layer.covariance(xg, eps=epsilon)
+        return mean, meta_layer.covariance(xg, layout="features_first", eps=epsilon)
     second = jnp.einsum("gdn,gen->gde", xg, xg) / xg.shape[-1]
     mean, second = jax.lax.pmean((mean, second), axis_name)
     cov = second - mean[..., :, None] * mean[..., None, :]
