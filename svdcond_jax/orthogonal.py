@@ -4,7 +4,7 @@ Pure functions, no Flax and no optax:
 
 * :func:`as_matrix` maps a kernel to the matrix the paper reasons about (and back);
 * :func:`polar_factor` is the nearest orthogonal matrix ``U V^T`` (Eqs. 14-17), exact via
-  the SVD or approximate via a cubic Newton-Schulz iteration;
+  the SVD or approximate via a Newton-Schulz iteration, rank-aware in both;
 * :func:`orthogonality_loss` is the soft orthogonality penalty of Eq. 12;
 * :func:`skew_symmetric_expm` is the orthogonal parametrisation ``exp(A - A^T)`` of Eq. 13.
 
@@ -14,10 +14,15 @@ See docs/nog_olr.md and docs/weight_treatments.md.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from svdcond_jax.solvers._common import map_matrices, mm, mT, nan_where
 
 __all__ = [
     "POLAR_METHODS",
@@ -29,9 +34,71 @@ __all__ = [
 
 POLAR_METHODS = ("svd", "newton_schulz")
 
-# Default Newton-Schulz iteration count: float32 round-off up to kappa ~1e6 (measured, see the
-# table in `polar_factor`).
-_DEFAULT_NS_ITERS = 40
+# Newton-Schulz: iterations of the rounding phase (see `polar_factor`), and the default
+# iteration count when rtol=0 (no cutoff).
+_SNAP_ITERS = 10
+_NO_CUTOFF_ITERS = 40
+# Repeated squarings of the Gram for the sigma_max bound: within rank^(1/128) (< 7% for
+# rank <= 4096) of sigma_max.
+_SQUARINGS = 6
+# The rounding map s -> 2.5 s^3 - 1.5 s^5 sends (0, sqrt(2/3)) to 0 and (sqrt(2/3), 1] to 1.
+_SNAP_POINT = math.sqrt(2.0 / 3.0)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _as_float_array(name: str, a: Any, fn: str) -> jax.Array:
+    """``a`` as a real floating jax array, else TypeError naming the argument."""
+    try:
+        arr = jnp.asarray(a)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{fn}: {name} must be a real floating array; got "
+                        f"{type(a).__name__}") from err
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name} must be a real floating array; got {name}.dtype="
+                        f"{arr.dtype}; cast with .astype(jnp.float32)")
+    return arr
+
+
+def _check_matrix(name: str, a: jax.Array, fn: str, square: bool = False) -> None:
+    shape = a.shape
+    bad = len(shape) < 2 or min(shape[-2:]) < 1 or (square and shape[-1] != shape[-2])
+    if bad:
+        want = "(..., n, n), n >= 1" if square else "(..., rows, cols), rows, cols >= 1"
+        raise ValueError(f"{fn}: {name} must have shape {want}; got {name}.shape={shape}")
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    """bfloat16/float16 compute in float32; float32/float64 in their own precision."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_polar_options(method: Any, num_iters: Any, rtol: Any) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"polar_factor: method must be a str, one of {POLAR_METHODS}; "
+                        f"got method={method!r}")
+    if method not in POLAR_METHODS:
+        raise ValueError(f"polar_factor: unknown method={method!r}; valid methods are "
+                         f"{POLAR_METHODS}")
+    if num_iters is not None:
+        if method == "svd":
+            raise ValueError("polar_factor: num_iters is an option of method='newton_schulz'; "
+                             f"method='svd' is exact (got num_iters={num_iters!r})")
+        if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)):
+            raise TypeError("polar_factor: num_iters must be a static Python int >= 1; got "
+                            f"num_iters={num_iters!r} ({type(num_iters).__name__})")
+        if num_iters < 1:
+            raise ValueError(f"polar_factor: num_iters must be >= 1; got num_iters={num_iters}")
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real):
+            raise TypeError("polar_factor: rtol must be None or a static Python float in "
+                            f"[0, 1); got rtol={rtol!r} ({type(rtol).__name__})")
+        if not 0 <= rtol < 1:
+            raise ValueError(f"polar_factor: rtol must be in [0, 1); got rtol={rtol!r}")
+
+
+# ----------------------------------------------------------------------------- as_matrix
 
 
 def as_matrix(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
@@ -40,16 +107,17 @@ def as_matrix(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]
     A Flax dense kernel ``(in, out)`` is unchanged; an HWIO conv kernel ``(kh, kw, in, out)``
     becomes ``(kh*kw*in, out)``. This is the transpose of the reference's
     ``(out, in*kh*kw)`` up to a row permutation, which the polar factor commutes with
-    (docs/nog_olr.md).
+    (docs/nog_olr.md). A pure reshape: any dtype, values untouched.
 
     Args:
-      x: array with ``x.ndim >= 2``.
+      x: array (or array-like) with ``x.ndim >= 2``.
 
     Returns:
       ``(matrix, inverse)`` where ``inverse(matrix)`` has ``x``'s shape.
 
     Raises:
       ValueError: if ``x.ndim < 2``.
+      TypeError: if ``x`` is not an array (e.g. a string).
 
     Example:
       >>> import jax.numpy as jnp
@@ -57,8 +125,12 @@ def as_matrix(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]
       >>> m.shape, back(m).shape
       ((36, 8), (3, 3, 4, 8))
     """
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"as_matrix: x must be an array; got {type(x).__name__}") from err
     if x.ndim < 2:
-        raise ValueError(f"as_matrix: x must have ndim >= 2, got {x.shape=}")
+        raise ValueError(f"as_matrix: x must have ndim >= 2; got x.shape={x.shape}")
     shape = x.shape
     matrix = jnp.reshape(x, (math.prod(shape[:-1]), shape[-1]))
 
@@ -68,92 +140,181 @@ def as_matrix(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]
     return matrix, inverse
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
+# ----------------------------------------------------------------------------- polar factor
 
 
-def _polar_svd(m: jax.Array) -> jax.Array:
-    u, _, vt = jnp.linalg.svd(m, full_matrices=False)
-    q = u @ vt
-    nonzero = jnp.any(m != 0, axis=(-2, -1), keepdims=True)
-    return jnp.where(nonzero, q, jnp.zeros_like(q))
+def default_rtol(rows: int, cols: int, dtype: Any) -> float:
+    """The default relative cutoff of :func:`polar_factor`: max(rows, cols) * eps(dtype).
+
+    NumPy's ``matrix_rank`` tolerance: the singular values of a matrix stored in floating
+    point carry errors of about eps * sigma_max times a factor growing with its size, so
+    those below ``max(rows, cols) * eps * sigma_max`` are indistinguishable from 0 (3.2e-6
+    for a 27 x 16 float32 matrix).
+    """
+    return max(rows, cols) * float(jnp.finfo(_compute_dtype(dtype)).eps)
 
 
-def _polar_newton_schulz(m: jax.Array, num_iters: int) -> jax.Array:
+def _polar_svd(m: jax.Array, rtol: float) -> jax.Array:
+    """U diag(1[s > rtol s_max]) V^T from the thin SVD."""
+    u, s, vt = map_matrices(lambda a: tuple(jnp.linalg.svd(a, full_matrices=False)), m)
+    keep = s > rtol * s[..., :1]  # the zero matrix keeps nothing
+    return mm(u * keep.astype(u.dtype)[..., None, :], vt)
+
+
+def _sigma_max_bound(x: jax.Array) -> jax.Array:
+    """An upper bound of sigma_max(x), (..., 1, 1), within rank^(1/128) of it.
+
+    With A = X^T X and t_j = tr(A^(2^j)): sigma_max^(2^(j+1)) <= t_j <= rank sigma_max^(...),
+    t_j from repeated squaring of the trace-normalised Gram (no overflow).
+    """
+    def trace(a: jax.Array) -> jax.Array:
+        return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
+
+    b = mm(mT(x), x)
+    t = trace(b)
+    log_t = jnp.log(t)  # -inf for the zero matrix: bound 0
+    b = b / jnp.where(t > 0, t, 1)
+    for _ in range(_SQUARINGS):
+        b = mm(b, b)
+        c = trace(b)
+        log_t = 2 * log_t + jnp.log(jnp.where(c > 0, c, 1))
+        b = b / jnp.where(c > 0, c, 1)
+    return jnp.exp(log_t / 2 ** (_SQUARINGS + 1))
+
+
+def _cubic(x: float) -> float:
+    return 1.5 * x - 0.5 * x**3
+
+
+def newton_schulz_schedule(rtol: float, num_iters: int | None) -> tuple[float, int, int]:
+    """(start scale alpha, cubic steps, rounding steps) of the rank-aware Newton-Schulz.
+
+    The cubic phase needs n steps to lift a singular value rtol * s to sqrt(2/3), the
+    repelling fixed point of the rounding map; alpha in (2/3, 1] makes it land there
+    exactly, so the cutoff is rtol * s (s the sigma_max bound). ``num_iters=None``: n
+    cubic steps and 10 rounding steps (or 40 cubic steps when rtol = 0).
+    """
+    if rtol == 0:
+        return 1.0, _NO_CUTOFF_ITERS if num_iters is None else num_iters, 0
+    n, x = 0, rtol
+    while x < _SNAP_POINT:
+        n, x = n + 1, _cubic(x)
+    lo, hi = 0.0, 1.0  # bisection for g^n(alpha rtol) = sqrt(2/3), g^n increasing
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        y = mid * rtol
+        for _ in range(n):
+            y = _cubic(y)
+        lo, hi = (mid, hi) if y < _SNAP_POINT else (lo, mid)
+    total = n + _SNAP_ITERS if num_iters is None else num_iters
+    return (lo + hi) / 2, min(n, total), max(total - n, 0)
+
+
+def _polar_newton_schulz(m: jax.Array, num_iters: int | None, rtol: float) -> jax.Array:
     tall = m.shape[-2] >= m.shape[-1]
-    x = m if tall else _mT(m)  # work on the tall orientation: the Gram X^T X is the small one
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-    x = x / jnp.where(norm > 0, norm, jnp.ones_like(norm))  # sigma_max(X0) <= 1 < sqrt(3)
+    x = m if tall else mT(m)  # work on the tall orientation: the Gram X^T X is the small one
+    big = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    x = x / jnp.where(big > 0, big, 1)  # no overflow in the Gram
+    alpha, cubic_steps, snap_steps = newton_schulz_schedule(rtol, num_iters)
+    bound = _sigma_max_bound(x)
+    x = x * (alpha / jnp.where(bound > 0, bound, 1))  # singular values in [0, 1]
 
-    def body(_: int, x: jax.Array) -> jax.Array:
-        return 1.5 * x - 0.5 * x @ (_mT(x) @ x)
+    def cubic(_: int, x: jax.Array) -> jax.Array:
+        return 1.5 * x - 0.5 * mm(x, mm(mT(x), x))
 
-    x = jax.lax.fori_loop(0, num_iters, body, x)
-    return x if tall else _mT(x)
+    def snap(_: int, x: jax.Array) -> jax.Array:
+        a = mm(mT(x), x)
+        return mm(x, 2.5 * a - 1.5 * mm(a, a))
+
+    x = jax.lax.fori_loop(0, cubic_steps, cubic, x)
+    x = jax.lax.fori_loop(0, snap_steps, snap, x)
+    return x if tall else mT(x)
 
 
 def polar_factor(
-    m: jax.Array, *, method: str = "svd", num_iters: int = _DEFAULT_NS_ITERS
+    m: jax.Array,
+    *,
+    method: str = "svd",
+    num_iters: int | None = None,
+    rtol: float | None = None,
 ) -> jax.Array:
-    """Nearest orthogonal matrix ``R = U V^T`` of ``m = U S V^T`` (Eqs. 14-17).
+    """Nearest orthogonal matrix ``R = U V^T`` of ``m = U S V^T`` (Eqs. 14-17), rank-aware.
 
     ``R`` minimises ``||m - R||_F`` over matrices with orthonormal rows or columns (the
-    polar factor); all its singular values are 1. A zero matrix maps to a zero matrix (never
-    NaN). Rank-deficient inputs get singular values 1 on the thin SVD's subspace for
-    ``"svd"``; ``"newton_schulz"`` leaves exactly-zero singular values at 0.
+    polar factor): the paper's NOG sets every singular value of the gradient to 1. That is
+    only defined for full-rank ``m``: the singular directions LAPACK returns for (near-)zero
+    singular values are rounding noise, and on a rank-deficient gradient (a 27 x 16 stem
+    gradient of rank 9) a relative perturbation of 3e-7 changed ``U V^T`` by 0.9 in
+    Frobenius norm (docs/nog_olr.md). So singular values ``<= rtol * sigma_max`` map to 0
+    instead: ``R = U diag(1[s > rtol sigma_max]) V^T``, the unique minimum-norm partial
+    isometry on the numerical range of ``m``, a continuous function of ``m`` away from
+    the cutoff, and the limit of the Newton-Schulz iteration below. On full-rank input
+    (every singular value above the cutoff, e.g. the reference's CIFAR gradients) this is
+    exactly ``U V^T``. The zero matrix maps to the zero matrix.
 
     Methods:
-      * ``"svd"``: exact, ``U V^T`` from ``jnp.linalg.svd(m, full_matrices=False)``.
-      * ``"newton_schulz"``: cubic Newton-Schulz ``X <- 1.5 X - 0.5 X X^T X`` started from
-        ``X0 = m / ||m||_F`` (so every singular value lies in (0, 1] < sqrt(3), where the
-        iteration converges to 1). Each singular value grows by about 1.5x per iteration
-        while small, then converges quadratically, so the cost grows with
-        ``log(||m||_F / sigma_min(m))``. Measured max |sigma - 1| in float32 on CPU
-        (worst of 3 random inputs, singular values log-spaced in [1/kappa, 1]; measured with
-        a float64 SVD of the float32 output; ``||m||_F / sigma_min(m)`` is about 2.7 kappa):
-
-        ==========  =======  =======  =======  =======  =======  =======
-        kappa       10       100      1e3      1e4      1e5      1e6
-        ==========  =======  =======  =======  =======  =======  =======
-        10 iters    5.6e-2   7.9e-1   9.7e-1   1.0      -        -
-        20 iters    1.6e-7   1.5e-7   6.7e-2   8.3e-1   -        -
-        30 iters    1.8e-7   1.5e-7   1.6e-7   2.0e-7   1.9e-1   8.9e-1
-        40 iters    1.6e-7   1.6e-7   1.8e-7   1.7e-7   1.8e-7   1.7e-7
-        ==========  =======  =======  =======  =======  =======  =======
-
-        for a 64x64 input; a 27x64 input behaves alike (20 iters: 1.3e-7 at kappa 10,
-        8.7e-3 at 1e3; 30 iters: <= 1.4e-7 up to 1e4). The default, 40 iterations, reaches
-        float32 round-off up to kappa ~1e6; each extra decade of kappa costs ~6 iterations.
-        (``tests/test_orthogonal.py`` re-measures the kappa <= 100 cells.) Unlike optax's
-        Muon quintic iteration, which stops with singular values roughly in [0.5, 1.5], this
-        one converges to exactly 1.
+      * ``"svd"`` (default): exact, from ``jnp.linalg.svd(m, full_matrices=False)``.
+      * ``"newton_schulz"``: matrix products only. ``X0 = alpha m / s`` with ``s`` an upper
+        bound of sigma_max(m) within rank^(1/128) (a Schatten norm from 6 squarings of the
+        Gram), so every singular value lies in [0, 1]. Then ``n`` cubic steps
+        ``X <- 1.5 X - 0.5 X X^T X`` (each lifts a small singular value by ~1.5x and
+        converges the large ones to 1 quadratically) and rounding steps
+        ``X <- X (2.5 A - 1.5 A^2)``, ``A = X^T X`` (singular value
+        ``s -> 2.5 s^3 - 1.5 s^5``: below sqrt(2/3) to 0, above it to 1, both
+        quadratically). ``n`` and ``alpha`` (in (2/3, 1]) are chosen so that the cutoff
+        ``rtol * s`` lands exactly on sqrt(2/3): the iteration converges to the ``"svd"``
+        result, except for singular values within about 1% of the cutoff (measured:
+        docs/nog_olr.md), and never amplifies rounding noise. ``rtol=0``: no cutoff, cubic
+        steps only (every nonzero singular value converges to 1, noise included).
 
     Args:
-      m: array of shape ``(..., rows, cols)``.
+      m: real floating array of shape ``(..., rows, cols)``, rows, cols >= 1.
       method: ``"svd"`` or ``"newton_schulz"``.
-      num_iters: Newton-Schulz iterations (ignored by ``"svd"``).
+      num_iters: Newton-Schulz only (an error with ``"svd"``), int >= 1: the total number
+        of steps; the first ``min(n, num_iters)`` are cubic, the rest rounding steps.
+        None (default): ``n + 10`` (41 for a 27 x 16 float32 matrix at the default rtol;
+        40 cubic steps when rtol = 0). Fewer steps leave the singular values between
+        ~1.5^-num_iters and the cutoff partly converged.
+      rtol: relative cutoff in [0, 1); None (default) is
+        ``max(rows, cols) * eps`` of the compute dtype (NumPy's ``matrix_rank``
+        tolerance; 3.2e-6 for a 27 x 16 float32 matrix).
 
     Returns:
-      Array of ``m``'s shape and dtype with singular values 1 (or 0 for a zero matrix).
+      Array of ``m``'s shape and dtype (bfloat16/float16 computed in float32) whose
+      singular values are 1 (above the cutoff) or 0. Decided by the values, per matrix:
+      NaN where ``m`` has a NaN/Inf entry.
 
     Raises:
-      ValueError: on ``m.ndim < 2``, an unknown ``method`` or ``num_iters < 0``.
+      ValueError: ``m`` not ``(..., rows, cols)`` with rows, cols >= 1; an unknown
+        ``method``; ``num_iters < 1`` or given with ``"svd"``; ``rtol`` outside [0, 1).
+      TypeError: ``m`` not a real floating array; ``method`` not a str; ``num_iters`` not
+        an int (e.g. 2.5, True); ``rtol`` not a real number.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> r = polar_factor(jnp.array([[2.0, 0.0], [0.0, 0.5]]))
-      >>> r.tolist()
+      >>> polar_factor(jnp.array([[2.0, 0.0], [0.0, 0.5]])).tolist()
       [[1.0, 0.0], [0.0, 1.0]]
+      >>> polar_factor(jnp.array([[2.0, 0.0], [0.0, 1e-9]])).tolist()  # rank 1
+      [[1.0, 0.0], [0.0, 0.0]]
+      >>> r = polar_factor(jnp.array([[2.0, 0.0], [0.0, 1e-9]]), method="newton_schulz")
+      >>> r.round(5).tolist()
+      [[1.0, 0.0], [0.0, 0.0]]
     """
-    if m.ndim < 2:
-        raise ValueError(f"polar_factor: m must have ndim >= 2, got {m.shape=}")
+    _check_polar_options(method, num_iters, rtol)
+    m = _as_float_array("m", m, "polar_factor")
+    _check_matrix("m", m, "polar_factor")
+    dtype = m.dtype
+    mc = m.astype(_compute_dtype(dtype))
+    rtol = default_rtol(*m.shape[-2:], dtype) if rtol is None else float(rtol)
     if method == "svd":
-        return _polar_svd(m)
-    if method == "newton_schulz":
-        if num_iters < 0:
-            raise ValueError(f"polar_factor: num_iters must be >= 0, got {num_iters=}")
-        return _polar_newton_schulz(m, num_iters)
-    raise ValueError(f"polar_factor: unknown {method=}; valid methods are {POLAR_METHODS}")
+        r = _polar_svd(mc, rtol)
+    else:
+        r = _polar_newton_schulz(mc, num_iters, rtol)
+    finite = jnp.all(jnp.isfinite(mc), axis=(-2, -1))
+    return nan_where(~finite, r).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- Eqs. 12-13
 
 
 def orthogonality_loss(w: jax.Array) -> jax.Array:
@@ -168,33 +329,44 @@ def orthogonality_loss(w: jax.Array) -> jax.Array:
     orthonormal rows or columns (whichever are fewer).
 
     Args:
-      w: kernel with ``w.ndim >= 2``.
+      w: real floating kernel with ``w.ndim >= 2`` and no zero-size dimension.
 
     Returns:
-      Scalar loss.
+      Scalar loss in ``w``'s dtype (bfloat16/float16 computed in float32); NaN if ``w``
+      has a NaN/Inf entry.
+
+    Raises:
+      ValueError: ``w.ndim < 2`` or a zero-size dimension.
+      TypeError: ``w`` not a real floating array.
 
     Example:
       >>> import jax.numpy as jnp
       >>> float(orthogonality_loss(jnp.eye(3)[:, :2]))
       0.0
     """
-    m, _ = as_matrix(w)
-    gram = _mT(m) @ m if m.shape[-1] <= m.shape[-2] else m @ _mT(m)
+    w = _as_float_array("w", w, "orthogonality_loss")
+    if w.ndim < 2 or 0 in w.shape:
+        raise ValueError(f"orthogonality_loss: w must have ndim >= 2 and no zero-size "
+                         f"dimension; got w.shape={w.shape}")
+    m, _ = as_matrix(w.astype(_compute_dtype(w.dtype)))
+    gram = mm(mT(m), m) if m.shape[-1] <= m.shape[-2] else mm(m, mT(m))
     eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-    return jnp.sqrt(jnp.sum(jnp.square(gram - eye)))
+    return jnp.sqrt(jnp.sum(jnp.square(gram - eye))).astype(w.dtype)
 
 
 def skew_symmetric_expm(a: jax.Array) -> jax.Array:
     """Orthogonal matrix ``exp(A - A^T)`` of a square ``A`` (Eq. 13).
 
     Args:
-      a: array of shape ``(..., n, n)``.
+      a: real floating array of shape ``(..., n, n)``, n >= 1.
 
     Returns:
-      Orthogonal array of ``a``'s shape.
+      Orthogonal array of ``a``'s shape and dtype (bfloat16/float16 computed in float32);
+      NaN for a matrix with a NaN/Inf entry.
 
     Raises:
-      ValueError: if ``a`` is not square.
+      ValueError: ``a`` not square ``(..., n, n)`` with n >= 1.
+      TypeError: ``a`` not a real floating array.
 
     Example:
       >>> import jax.numpy as jnp
@@ -202,6 +374,8 @@ def skew_symmetric_expm(a: jax.Array) -> jax.Array:
       >>> bool(jnp.allclose(q @ q.T, jnp.eye(2), atol=1e-6))
       True
     """
-    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"skew_symmetric_expm: a must be square (..., n, n), got {a.shape=}")
-    return jax.scipy.linalg.expm(a - _mT(a))
+    a = _as_float_array("a", a, "skew_symmetric_expm")
+    _check_matrix("a", a, "skew_symmetric_expm", square=True)
+    ac = a.astype(_compute_dtype(a.dtype))
+    finite = jnp.all(jnp.isfinite(ac), axis=(-2, -1))
+    return nan_where(~finite, jax.scipy.linalg.expm(ac - mT(ac))).astype(a.dtype)
