@@ -22,6 +22,7 @@ from svdcond_jax.solvers import newton_schulz as _ns_solver
 from svdcond_jax.solvers import pade as _pade_solver
 from svdcond_jax.solvers._common import (
     HIGHEST,
+    finite_or_zero,
     frobenius,
     map_matrices,
     mT,
@@ -108,6 +109,7 @@ _METHODS_DOC = """
     All methods accept any number of batch dims (an empty batch gives an empty result),
     work under jit, vmap, grad and jvp, compute bfloat16/float16 input in float32 and
     return the input dtype; float32 and float64 are computed in their own precision.
+
 """
 
 _RAISES_DOC = """ValueError: p is not (..., d, d) with d >= 1, an unknown ``method``, or an option
@@ -215,8 +217,8 @@ def _symmetric_input(p: Any) -> tuple[Array, Array, Any]:
     """Validated p: (sym(p) in the compute dtype, (...) mask of non-finite matrices, dtype)."""
     p = _as_float_array("p", p)
     _check_square("p", p.shape)
-    pc = p.astype(_compute_dtype(p.dtype))
-    return sym(pc), ~jnp.all(jnp.isfinite(pc), axis=(-2, -1)), p.dtype
+    pc, bad = finite_or_zero(p.astype(_compute_dtype(p.dtype)))
+    return sym(pc), bad, p.dtype
 
 
 # ----------------------------------------------------------------------------- covariance

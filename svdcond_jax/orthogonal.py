@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdcond_jax.solvers._common import map_matrices, mm, mT, nan_where
+from svdcond_jax.solvers._common import finite_or_zero, map_matrices, mm, mT, nan_where
 
 __all__ = [
     "POLAR_METHODS",
@@ -282,7 +282,8 @@ def polar_factor(
     Returns:
       Array of ``m``'s shape and dtype (bfloat16/float16 computed in float32) whose
       singular values are 1 (above the cutoff) or 0. Decided by the values, per matrix:
-      NaN where ``m`` has a NaN/Inf entry.
+      NaN where ``m`` has a NaN/Inf entry (such a matrix never reaches LAPACK, whose SVD
+      does not return on an Inf entry).
 
     Raises:
       ValueError: ``m`` not ``(..., rows, cols)`` with rows, cols >= 1; an unknown
@@ -304,14 +305,14 @@ def polar_factor(
     m = _as_float_array("m", m, "polar_factor")
     _check_matrix("m", m, "polar_factor")
     dtype = m.dtype
-    mc = m.astype(_compute_dtype(dtype))
+    # A matrix with an Inf entry would hang LAPACK's SVD: it is replaced by 0, then NaN.
+    mc, bad = finite_or_zero(m.astype(_compute_dtype(dtype)))
     rtol = default_rtol(*m.shape[-2:], dtype) if rtol is None else float(rtol)
     if method == "svd":
         r = _polar_svd(mc, rtol)
     else:
         r = _polar_newton_schulz(mc, num_iters, rtol)
-    finite = jnp.all(jnp.isfinite(mc), axis=(-2, -1))
-    return nan_where(~finite, r).astype(dtype)
+    return nan_where(bad, r).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- Eqs. 12-13
@@ -332,8 +333,8 @@ def orthogonality_loss(w: jax.Array) -> jax.Array:
       w: real floating kernel with ``w.ndim >= 2`` and no zero-size dimension.
 
     Returns:
-      Scalar loss in ``w``'s dtype (bfloat16/float16 computed in float32); NaN if ``w``
-      has a NaN/Inf entry.
+      Scalar loss in ``w``'s dtype (bfloat16/float16 computed in float32); NaN, value and
+      gradient, if ``w`` has a NaN/Inf entry.
 
     Raises:
       ValueError: ``w.ndim < 2`` or a zero-size dimension.
@@ -349,9 +350,11 @@ def orthogonality_loss(w: jax.Array) -> jax.Array:
         raise ValueError(f"orthogonality_loss: w must have ndim >= 2 and no zero-size "
                          f"dimension; got w.shape={w.shape}")
     m, _ = as_matrix(w.astype(_compute_dtype(w.dtype)))
+    m, bad = finite_or_zero(m)
     gram = mm(mT(m), m) if m.shape[-1] <= m.shape[-2] else mm(m, mT(m))
     eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-    return jnp.sqrt(jnp.sum(jnp.square(gram - eye))).astype(w.dtype)
+    loss = jnp.sqrt(jnp.sum(jnp.square(gram - eye)))
+    return nan_where(bad, loss[None, None])[0, 0].astype(w.dtype)
 
 
 def skew_symmetric_expm(a: jax.Array) -> jax.Array:
@@ -376,6 +379,5 @@ def skew_symmetric_expm(a: jax.Array) -> jax.Array:
     """
     a = _as_float_array("a", a, "skew_symmetric_expm")
     _check_matrix("a", a, "skew_symmetric_expm", square=True)
-    ac = a.astype(_compute_dtype(a.dtype))
-    finite = jnp.all(jnp.isfinite(ac), axis=(-2, -1))
-    return nan_where(~finite, jax.scipy.linalg.expm(ac - mT(ac))).astype(a.dtype)
+    ac, bad = finite_or_zero(a.astype(_compute_dtype(a.dtype)))
+    return nan_where(bad, jax.scipy.linalg.expm(ac - mT(ac))).astype(a.dtype)

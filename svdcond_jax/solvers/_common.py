@@ -21,8 +21,9 @@ def mT(a: Array) -> Array:
 
 
 def sym(a: Array) -> Array:
-    """Symmetric part (A + A^T) / 2 over the last two axes."""
-    return (a + mT(a)) / 2
+    """Symmetric part (A + A^T) / 2 over the last two axes (A/2 + A^T/2: no overflow)."""
+    half = a / 2
+    return half + mT(half)
 
 
 def mm(a: Array, b: Array) -> Array:
@@ -91,6 +92,30 @@ def _nan_tangent_where_jvp(primals, tangents):
     bad, a = primals
     mask = jnp.where(bad, jnp.nan, 1.0).astype(a.dtype)
     return a, tangents[1] * mask[..., None, None]
+
+
+@jax.custom_jvp
+def _zero_where(bad: Array, a: Array) -> Array:
+    return jnp.where(bad[..., None, None], jnp.zeros_like(a), a)
+
+
+@_zero_where.defjvp
+def _zero_where_jvp(primals, tangents):
+    bad, a = primals
+    mask = jnp.where(bad, jnp.nan, 1.0).astype(a.dtype)[..., None, None]
+    return _zero_where(bad, a), tangents[1] * mask
+
+
+def finite_or_zero(a: Array) -> tuple[Array, Array]:
+    """(a with every matrix holding a NaN/Inf entry replaced by 0, (...) mask of those).
+
+    LAPACK must never see them: ``jnp.linalg.svd`` of a float32 matrix with one Inf entry
+    does not return (jax 0.10.2, CPU), and NumPy's ``eigvalsh`` returns finite garbage for a
+    NaN. The derivative of the replaced matrices is NaN (not the 0 of a plain ``where``), so
+    callers that also NaN the outputs (``nan_where``) give NaN values and NaN gradients.
+    """
+    bad = ~jnp.all(jnp.isfinite(a), axis=(-2, -1))
+    return _zero_where(bad, a), bad
 
 
 def _several_cpu_devices() -> bool:
