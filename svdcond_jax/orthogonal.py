@@ -272,7 +272,7 @@ def polar_factor(
       method: ``"svd"`` or ``"newton_schulz"``.
       num_iters: Newton-Schulz only (an error with ``"svd"``), int >= 1: the total number
         of steps; the first ``min(n, num_iters)`` are cubic, the rest rounding steps.
-        None (default): ``n + 10`` (41 for a 27 x 16 float32 matrix at the default rtol;
+        None (default): ``n + 10`` (42 for a 27 x 16 float32 matrix at the default rtol;
         40 cubic steps when rtol = 0). Fewer steps leave the singular values between
         ~1.5^-num_iters and the cutoff partly converged.
       rtol: relative cutoff in [0, 1); None (default) is
