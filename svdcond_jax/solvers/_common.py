@@ -185,5 +185,6 @@ def not_psd(p: Array, norm: Array) -> Array:
     when that shifted matrix is not numerically positive definite. The zero matrix is PSD.
     """
     shift = psd_tolerance(p.dtype) * norm[..., None, None] * eye_like(p)
-    factor = map_matrices(jnp.linalg.cholesky, p + shift)
+    factor = map_matrices(
+        lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False), p + shift)
     return jnp.any(jnp.isnan(factor), axis=(-2, -1)) & (norm > 0)
