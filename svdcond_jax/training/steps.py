@@ -54,7 +54,14 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _select(flag: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(flag, n, o), new, old)
+    """``new`` if ``flag`` else ``old``, as ONE ``lax.cond`` over the whole tree.
+
+    Not ``jnp.where`` per leaf: XLA then fuses the scalar flag (an AND of one reduction per
+    leaf) into every leaf's select, duplicating that chain once per leaf; for the CIFAR
+    ResNet-50 (~600 leaves) that was 90% of the optimised HLO (561k lines) and most of its
+    compile time (measured: docs/performance.md). The cond's predicate is computed once.
+    """
+    return jax.lax.cond(flag, lambda: new, lambda: old)
 
 
 def train_step(state: TrainState, batch: Batch, *, learning_rate_fn: optax.Schedule,
