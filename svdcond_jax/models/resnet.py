@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from svdcond_jax.nn.pointwise_conv import conv_general_dilated
 from svdcond_jax.nn.pooling import CovariancePooling, check_pre_svd, pre_svd_conv
 from svdcond_jax.nn.whitening import DecorrelatedBatchNorm
 
@@ -210,7 +211,10 @@ class ResNet(nn.Module):
         check_config(self)
         if x.ndim != 4:
             raise ValueError(f"x must be NHWC images (B, H, W, C); got {x.shape=}")
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        # 1x1 convs as matrix products: XLA:CPU's 1x1 weight gradient is 5x slower as a
+        # convolution (svdcond_jax/nn/pointwise_conv.py); same parameters and outputs.
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                       conv_general_dilated=conv_general_dilated)
         x = self._stem(x, train)
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
