@@ -35,6 +35,7 @@ from typing import Any
 import ml_collections
 
 from experiments import plot, tables
+from svdcond_jax.training import runtime
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
 
@@ -236,6 +237,7 @@ def config_flag_overrides(extra: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None
          ) -> str:
     """Parses flags, runs the sweep, writes and prints the table; returns it."""
+    runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     args, extra = (parser or build_parser()).parse_known_args(argv)
     config, module = load_config(args.config, quick=args.quick)
     apply_overrides(config, [*args.overrides, *config_flag_overrides(extra)])
