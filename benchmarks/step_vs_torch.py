@@ -4,9 +4,17 @@
     python -m benchmarks.step_vs_torch --methods bn --columns ours,torch --rounds 3
     python -m benchmarks.step_vs_torch --device cuda --batch 128   # GPU (torch on cuda)
 
+Before/after in one run (the tree of an older commit with this commit's benchmarks/,
+experiments/step_timing.py and svdcond_jax/training/runtime.py copied in):
+
+    git archive 9709628 | tar -x -C /tmp/before
+    git archive HEAD benchmarks experiments/step_timing.py \
+        svdcond_jax/training/runtime.py | tar -x -C /tmp/before
+    python -m benchmarks.step_vs_torch --before /tmp/before
+
 Needs the ``benchmarks`` extra (PyTorch). Rows are method rows (default ``bn``, ``svd``,
-``svd+nog+olr``); columns are ``ours`` (``svdcond_jax``'s train step as in
-``experiments/step_timing.py``), ``flax`` (the plain-Flax baseline,
+``svd+nog+olr``); columns are ``before`` (with ``--before``), ``ours`` (``svdcond_jax``'s
+train step as in ``experiments/step_timing.py``), ``flax`` (the plain-Flax baseline,
 ``benchmarks/flax_resnet.py``, ``bn`` row only), ``torch`` (eager) and ``torch-compile``.
 Each (row, column) runs in its own worker process (``benchmarks/worker.py``): the workers
 of a row are built one after the other (one compilation at a time), then timed in
@@ -15,7 +23,8 @@ processes hits every column alike; reported are the median and the minimum wall 
 step, the median process CPU time per step (all threads; robust to a shared machine), the
 time from the start of building to the end of the first step ("first step": compilation
 included, cold: jax's persistent cache is off and inductor compiles in-process with
-``TORCHINDUCTOR_COMPILE_THREADS=1``), and the worker's peak RSS. The machine's load average
+``TORCHINDUCTOR_COMPILE_THREADS=1`` into an empty ``TORCHINDUCTOR_CACHE_DIR``), and the
+worker's peak RSS. The machine's load average
 is recorded before and after each row.
 
 Deterministic: fixed seeds, fixed random batch, the same network and optimizer in every
@@ -38,24 +47,28 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = ("ours", "flax", "torch", "torch-compile")
+COLUMNS = ("before", "ours", "flax", "torch", "torch-compile")
 DEFAULT_METHODS = ("bn", "svd", "svd+nog+olr")
-LABELS = {"ours": "ours (jit)", "flax": "plain Flax (jit)", "torch": "PyTorch eager",
-          "torch-compile": "PyTorch compile"}
+LABELS = {"before": "ours before (jit)", "ours": "ours (jit)", "flax": "plain Flax (jit)",
+          "torch": "PyTorch eager", "torch-compile": "PyTorch compile"}
 
 
 class Worker:
     """A ``benchmarks.worker`` subprocess: build on start, ``run(n)`` steps, ``close()``."""
 
-    def __init__(self, column: str, method: str, options: Sequence[str], log_dir: Path):
-        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONUNBUFFERED="1")
-        self.log = log_dir / f"{column}-{method.replace('+', '_')}.log"
+    def __init__(self, column: str, method: str, options: Sequence[str], log_dir: Path,
+                 tree: Path = ROOT):
+        stem = f"{column}-{method.replace('+', '_')}"
+        # Cold torch.compile: inductor compiles in-process into an empty cache.
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONUNBUFFERED="1",
+                   TORCHINDUCTOR_CACHE_DIR=str(log_dir / f"inductor-{stem}"))
+        self.log = log_dir / f"{stem}.log"
         self.name = f"{column}/{method}"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.worker", "--column", column,
-                 "--method", method, *options],
-                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                [sys.executable, "-m", "benchmarks.worker", "--column",
+                 "ours" if column == "before" else column, "--method", method, *options],
+                cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 text=True)
         self.info = self._read()
 
@@ -84,7 +97,7 @@ class Worker:
 
 def columns_for(method: str, columns: Sequence[str]) -> list[str]:
     """The columns a row runs: the plain-Flax baseline exists for ``bn`` only."""
-    return [c for c in columns if c != "flax" or method == "bn"]
+    return [c for c in COLUMNS if c in columns and (c != "flax" or method == "bn")]
 
 
 def worker_options(args: argparse.Namespace) -> list[str]:
@@ -101,7 +114,8 @@ def run_row(method: str, columns: Sequence[str], args: argparse.Namespace, log_d
     workers: dict[str, Worker] = {}
     try:
         for column in columns_for(method, columns):
-            workers[column] = Worker(column, method, worker_options(args), log_dir)
+            tree = Path(args.before) if column == "before" else ROOT
+            workers[column] = Worker(column, method, worker_options(args), log_dir, tree)
             info = workers[column].info
             log(f"[{method}] {column}: first step after {info['first_step_s']:.1f} s, "
                 f"peak RSS {info['rss_peak_mb'] / 1024:.2f} GB")
@@ -154,14 +168,16 @@ def format_tables(report: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if any(c in r["columns"] for r in report["rows"])]
     lines = [f"### {report['header']}", "",
              "| step | " + " | ".join(LABELS[c] for c in cols)
+             + (" | before / ours" if "before" in cols else "")
              + " | ours / eager | ours / compile | load (1 min) |",
-             "|---" * (len(cols) + 4) + "|"]
+             "|---" * (len(cols) + 4 + ("before" in cols)) + "|"]
     for row in report["rows"]:
         c = row["columns"]
         load = f"{row['load_before'][0]:.1f} -> {row['load_after'][0]:.1f}"
+        speedup = f" | {_ratio(c, 'before', 'ours')}" if "before" in cols else ""
         lines.append(f"| `{row['method']}` | " + " | ".join(_cell(c.get(k)) for k in cols)
-                     + f" | {_ratio(c, 'ours', 'torch')} | {_ratio(c, 'ours', 'torch-compile')}"
-                     f" | {load} |")
+                     + f"{speedup} | {_ratio(c, 'ours', 'torch')} | "
+                     f"{_ratio(c, 'ours', 'torch-compile')} | {load} |")
     for row in report["rows"]:
         for k, v in row["columns"].items():
             if v.get("skipped_steps"):
@@ -190,6 +206,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     unknown = [c for c in args.columns if c not in COLUMNS]
     if unknown:
         raise ValueError(f"unknown columns {unknown}; valid: {COLUMNS}")
+    if args.before:
+        args.columns = ["before", *[c for c in args.columns if c != "before"]]
+    elif "before" in args.columns:
+        raise ValueError("column 'before' needs --before DIR")
     with tempfile.TemporaryDirectory(prefix="step_vs_torch_") as tmp:
         rows = [run_row(m, args.columns, args, Path(tmp), log) for m in args.methods]
     counts = _params(rows)
@@ -220,7 +240,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                         default=list(DEFAULT_METHODS))
     parser.add_argument("--columns", type=lambda s: [c for c in s.split(",") if c],
-                        default=list(COLUMNS))
+                        default=[c for c in COLUMNS if c != "before"])
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="add a column 'before': the 'ours' worker run from another "
+                             "source tree (an older commit plus this benchmarks/)")
     parser.add_argument("--model", default="CifarResNet50")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image_size", type=int, default=32)

@@ -52,7 +52,8 @@ def _build_ours(args: argparse.Namespace) -> tuple[Callable[[], Any], dict[str, 
     built = step_timing.build_steps(args.method, model=args.model, batch=args.batch,
                                     image_size=args.image_size, num_classes=args.num_classes,
                                     precision=args.precision, with_forward=False)
-    info = {"compile_s": built.compile_s, "step_gflops": built.step_flops and
+    info = {"params": built.params, "compile_s": built.compile_s,
+            "step_gflops": built.step_flops and
             built.step_flops / 1e9, "device": str(jax.devices()[0].device_kind),
             "versions": {"jax": jax.__version__}}
 

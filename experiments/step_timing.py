@@ -67,7 +67,8 @@ class Built(NamedTuple):
     it); `step_flops` / `forward_flops` are XLA's cost-analysis FLOPs per call (None
     where the backend reports none); `step_memory_bytes` is the compiled step's
     arguments + outputs + temporaries minus donated aliases (XLA's memory analysis: the
-    device memory one step needs).
+    device memory one step needs); `params` the number of trainable parameters;
+    `step_hlo()` the step's optimised HLO text (for profiles).
     """
 
     forward: Callable[[], Any] | None
@@ -76,6 +77,8 @@ class Built(NamedTuple):
     step_flops: float | None
     forward_flops: float | None
     step_memory_bytes: int | None
+    params: int
+    step_hlo: Callable[[], str]
 
 
 def _flops(compiled: Any) -> float | None:
@@ -156,7 +159,9 @@ def build_steps(method: str, *, model: str, batch: int, image_size: int, num_cla
         return jax.block_until_ready(metrics)
 
     return Built(run_forward if with_forward else None, run_step, compile_s, _flops(train_c),
-                 None if fwd_c is None else _flops(fwd_c), _memory_bytes(train_c))
+                 None if fwd_c is None else _flops(fwd_c), _memory_bytes(train_c),
+                 sum(int(x.size) for x in jax.tree_util.tree_leaves(st.params)),
+                 train_c.as_text)
 
 
 def _time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
