@@ -89,6 +89,7 @@ from flax.nnx import filterlib
 from svdcond_jax._paths import is_variable, key_of, leaves_with_paths, path_str, unwrap
 from svdcond_jax.transforms import (
     OptimalLearningRateState,
+    _check_float_leaves,
     _check_sgd_hyperparams,
     _descent_scale,
     nearest_orthogonal_gradient,
@@ -347,7 +348,19 @@ def pre_svd_sgd(
     )
     if nog:
         pre = optax.chain(nog_tx, pre)
-    return optax.partition({"pre_svd": pre, "other": other}, labels)
+    tx = optax.partition({"pre_svd": pre, "other": other}, labels)
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        _check_float_leaves(fn, "parameter", params)
+        return tx.init(params)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.OptState]:
+        _check_float_leaves(fn, "update", updates)
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def find_olr_eta(opt_state: optax.OptState) -> jax.Array | None:

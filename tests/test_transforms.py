@@ -311,3 +311,23 @@ def test_olr_requires_params():
     grads = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match="params"):
         tx.update(grads, tx.init(grads))
+
+
+@pytest.mark.parametrize("rtol", [None, 1e-3])
+def test_nog_forwards_rtol_only_when_given(rtol, monkeypatch):
+    """rtol reaches polar_factor only when set, so NOG works with and without rank-aware
+    polar factors (their behaviour is tested in tests/test_orthogonal.py)."""
+    import svdcond_jax.transforms as transforms
+
+    seen = []
+
+    def fake_polar(m, **kwargs):
+        seen.append(kwargs)
+        return m
+
+    monkeypatch.setattr(transforms, "polar_factor", fake_polar)
+    tx = nearest_orthogonal_gradient(rtol=rtol)
+    g = {"w": jnp.ones((3, 2))}
+    tx.update(g, tx.init(g))
+    expected = {"method": "svd"} if rtol is None else {"method": "svd", "rtol": rtol}
+    assert seen == [expected]
