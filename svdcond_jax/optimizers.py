@@ -106,7 +106,6 @@ PreSvdSelection = str | Callable[[str, Any], bool] | Any
 # filter on the Variable's type or tag (nnx.Param, "batch_stats") cannot select there.
 _PATH_FILTERS = (filterlib.PathContains, filterlib.PathIn, filterlib.Everything,
                  filterlib.Nothing)
-_COMBINATORS = (filterlib.Any, filterlib.All, filterlib.Not)
 _FORMS = ("a regex string such as r'^stem_conv/kernel$', an NNX path filter such as "
           "nnx.PathContains('stem_conv'), a callable (path: str, leaf) -> bool, or a pytree "
           "of bools with the params' structure")
