@@ -39,7 +39,7 @@ from svdcond_jax.nn import (
 )
 
 # The optimizer: SGD with NOG and OLR on the Pre-SVD layer.
-from svdcond_jax.optimizers import find_olr_eta, pre_svd_mask, pre_svd_sgd
+from svdcond_jax.optimizers import find_olr_eta, pre_svd_labels, pre_svd_mask, pre_svd_sgd
 
 # Orthogonality: polar factor (NOG, Eqs. 14-17), orthogonality loss (Eq. 12), expm (Eq. 13).
 from svdcond_jax.orthogonal import (
@@ -88,6 +88,7 @@ __all__ = [
     "polar_factor",
     "pre_svd_eps",
     "pre_svd_features",
+    "pre_svd_labels",
     "pre_svd_mask",
     "pre_svd_pattern",
     "pre_svd_sgd",
