@@ -1,5 +1,6 @@
 """Tests for the ResNet family: parameter counts, every configuration, Pre-SVD paths."""
 
+import inspect
 import re
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from svdcond_jax.models import (
     CifarResNet18,
     CifarResNet50,
+    ResNet,
     ResNet18,
     ResNet34,
     ResNet50,
@@ -66,20 +68,63 @@ def test_cifar_resnet50_dbn_stem_is_3x3_stride_1_without_max_pool():
     assert CifarResNet18(num_classes=10).stem == "cifar"
 
 
-@pytest.mark.parametrize("model,match", [
-    (TinyResNet(num_classes=3, stem_norm="dbn", head="gcp"), "two SVD"),
-    (TinyResNet(num_classes=3, pre_svd="sn"), "needs an SVD"),
-    (TinyResNet(num_classes=3, head="gcp", pre_svd="ol"), "pre_svd"),
-    (TinyResNet(num_classes=3, stem="mnist"), "stem"),
-    (TinyResNet(num_classes=3, stem_norm="gn"), "stem_norm"),
-    (TinyResNet(num_classes=3, head="gmp"), "head"),
-    (ResNet18(num_classes=3, stem_norm="dbn", pre_svd="ow"), "stride"),
+@pytest.mark.parametrize("factory,kwargs,match", [
+    (TinyResNet, {"stem_norm": "dbn", "head": "gcp"}, "two SVD"),
+    (TinyResNet, {"pre_svd": "sn"}, "needs an SVD"),
+    (TinyResNet, {"head": "gcp", "pre_svd": "ol"}, "pre_svd"),
+    (TinyResNet, {"stem": "mnist"}, "stem"),
+    (TinyResNet, {"stem_norm": "gn"}, "stem_norm"),
+    (TinyResNet, {"head": "gmp"}, "head"),
+    (ResNet18, {"stem_norm": "dbn", "pre_svd": "ow"}, "stride"),
 ])
-def test_invalid_configurations_raise(model, match):
+def test_invalid_configurations_raise_at_construction(factory, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        _abstract_variables(model, 16)
-    with pytest.raises(ValueError, match=match):
-        pre_svd_pattern(model)
+        factory(num_classes=3, **kwargs)
+
+
+@pytest.mark.parametrize("factory", [ResNet18, ResNet34, ResNet50, CifarResNet18,
+                                     CifarResNet50, TinyResNet])
+def test_factories_are_documented_functions(factory):
+    assert inspect.isfunction(factory)  # not a functools.partial: help() shows its own doc
+    doc = inspect.getdoc(factory)
+    for section in ("Args:", "Returns:", "Raises:", "Example:"):
+        assert section in doc
+    assert isinstance(factory(num_classes=3), ResNet)
+    with pytest.raises(TypeError, match="stage_sizes"):
+        factory(num_classes=3, stage_sizes=(1,))
+
+
+def test_tiny_resnet_num_filters_default_can_be_overridden():
+    assert TinyResNet(num_classes=3).num_filters == 8
+    assert TinyResNet(num_classes=3, num_filters=4).num_filters == 4
+
+
+@pytest.mark.parametrize("image_dtype,model_dtype,logits_dtype", [
+    (jnp.bfloat16, None, jnp.bfloat16),
+    (jnp.float16, None, jnp.float16),
+    (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float32, None, jnp.float32),
+])
+def test_logits_dtype(image_dtype, model_dtype, logits_dtype):
+    model = TinyResNet(num_classes=3, stem_norm="dbn", pre_svd="ow", dtype=model_dtype)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 6, 3)), image_dtype)
+    variables = jax.eval_shape(lambda: model.init(KEY, x, train=False))
+    assert variables["params"]["stem_conv"]["kernel"].dtype == jnp.float32
+    assert variables["batch_stats"]["stem_norm"]["whitening"].dtype == jnp.float32
+    logits, _ = jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables)
+    assert logits.dtype == logits_dtype
+
+
+def test_bfloat16_images_give_the_float32_logits_rounded():
+    """dtype=None computes in float32 for bfloat16 images and rounds the logits once."""
+    model = TinyResNet(num_classes=3, head="gcp", pre_svd="sn", gcp_dim=4)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 6, 3)), jnp.bfloat16)
+    run = jax.jit(lambda x: model.apply(model.init(KEY, x, train=False), x, train=False))
+    low, ref = run(x), run(x.astype(jnp.float32))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), ref,
+                               rtol=float(jnp.finfo(jnp.bfloat16).eps), atol=1e-6)
 
 
 def test_plain_resnet_has_no_pre_svd_layer():
