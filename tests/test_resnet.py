@@ -205,3 +205,46 @@ def test_tiny_configuration_trains_evaluates_and_differentiates(stem_norm, head,
     sown = pre_svd_features(state["intermediates"])
     assert sown.shape == ((4, 8, 8, 8) if stem_norm == "dbn" else (4, 4, 4, 16))
     assert pre_svd_eps(model) == (1e-2 if stem_norm == "dbn" else 0.0)
+
+
+@pytest.mark.parametrize("stem_norm,head,pre_svd", [("dbn", "gap", "sn"), ("dbn", "gap", "ow"),
+                                                    ("bn", "gcp", "sn"), ("bn", "gcp", "ow")])
+def test_zero_pre_svd_kernel_trains_finitely(stem_norm, head, pre_svd):
+    """svd+sn / svd+ow from a zero Pre-SVD kernel: every SGD step stays finite.
+
+    (With "sn" the zero conv output is normalised to exactly 0 and the ReLU after it has
+    gradient 0 there, so in the whole network the kernel stays 0; the layer itself passes an
+    identity gradient, see test_orthogonal_layers.py. With "ow" exp(0) = I keeps it alive.)
+    """
+    model = TinyResNet(num_classes=3, stem_norm=stem_norm, head=head, pre_svd=pre_svd,
+                       gcp_dim=4)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 6, 6, 3)), jnp.float32)
+    labels = jnp.arange(4) % 3
+    variables = jax.jit(lambda x: model.init(KEY, x, train=False))(x)
+    path = "stem_conv" if stem_norm == "dbn" else "head/pre_svd_conv"
+
+    def zero(path_keys, leaf):
+        return jnp.zeros_like(leaf) if "/".join(k.key for k in path_keys) == f"{path}/kernel" \
+            else leaf
+
+    params = jax.tree_util.tree_map_with_path(zero, variables["params"])
+
+    @jax.jit
+    def step(params, batch_stats):
+        def loss_fn(params):
+            logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                        train=True, mutable=["batch_stats"])
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), state
+
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+        return params, state["batch_stats"], loss, grads
+
+    batch_stats = variables["batch_stats"]
+    for _ in range(3):
+        params, batch_stats, loss, grads = step(params, batch_stats)
+        for leaf in [loss, *jax.tree.leaves(grads), *jax.tree.leaves(params),
+                     *jax.tree.leaves(batch_stats)]:
+            assert np.all(np.isfinite(np.asarray(leaf)))
+    if pre_svd == "ow":
+        assert float(jnp.abs(_param_paths(params)[f"{path}/kernel"]).max()) > 0
