@@ -149,6 +149,8 @@ CASES = [
          TypeError, "x.dtype"),
     Case("nnx_dbn/one_sample_training",
          lambda: N.DecorrelatedBatchNorm(6, rngs=_rngs())(_x((1, 6))), ValueError, "samples"),
+    Case("nnx_dbn/use_running_average_missing", lambda: N.DecorrelatedBatchNorm(
+        6, use_running_average=None, rngs=_rngs())(X4), ValueError, "use_running_average"),
     Case("nnx_dbn/nan_training", lambda: nnx.jit(lambda m, x: m(x))(
         N.DecorrelatedBatchNorm(6, rngs=_rngs()), XNAN), NAN),
     # --------------------------------------------------------------------- CovariancePooling
@@ -185,6 +187,8 @@ CASES = [
          ValueError, "x.shape"),
     Case("nnx_gcp/bool", lambda: N.CovariancePooling(6, 3, rngs=_rngs())(X4 > 0), TypeError,
          "x.dtype"),
+    Case("nnx_gcp/use_running_average_missing", lambda: N.CovariancePooling(
+        6, 3, use_running_average=None, rngs=_rngs())(X4), ValueError, "use_running_average"),
     Case("nnx_gcp/nan_training", lambda: nnx.jit(lambda m, x: m(x))(
         N.CovariancePooling(6, 3, rngs=_rngs()), XNAN), NAN),
     # ---------------------------------------------------------------- pure GCP functions

@@ -132,3 +132,11 @@ def pair(value: int | Sequence[int]) -> tuple[int, int]:
     """An int or a (checked) pair as a tuple of two ints."""
     return (int(value), int(value)) if isinstance(value, (int, np.integer)) else (
         int(value[0]), int(value[1]))
+
+
+def mode(where: str, name: str, call_value: bool | None, default: bool | None) -> bool:
+    """A mode flag given at call time, else the module's; ValueError if neither is set."""
+    value = default if call_value is None else call_value
+    if value is None:
+        raise ValueError(f"{where}: pass {name} to the constructor or the call")
+    return bool(value)

@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
 
 from svdcond_jax.nn import _checks
 from svdcond_jax.nn import orthogonal_layers as _ol
@@ -36,9 +35,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _update_stats(update_stats: bool | None, module: nnx.Module) -> bool:
-    return bool(first_from(
-        update_stats, not module.use_running_average,
-        error_msg=f"{type(module).__name__}: pass update_stats to the constructor or the call"))
+    default = None if module.use_running_average is None else not module.use_running_average
+    return _checks.mode(type(module).__name__, "update_stats", update_stats, default)
 
 
 class SpectralNormConv(nnx.Module):

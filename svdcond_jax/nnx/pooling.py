@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
 
 from svdcond_jax.nn import _checks
 from svdcond_jax.nn import pooling as _pool
@@ -195,9 +194,8 @@ class CovariancePooling(nnx.Module):
           (B, H, W, dim) in the computation dtype.
         """
         where = type(self).__name__
-        use_running_average = first_from(
-            use_running_average, self.use_running_average,
-            error_msg=f"{where}: pass use_running_average to the constructor or the call")
+        use_running_average = _checks.mode(where, "use_running_average", use_running_average,
+                                           self.use_running_average)
         x = _checks.check_input(where, x, ndim=4, layout="(B, H, W, C)")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{where}: expected {self.in_features} input channels; "

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
 
 from svdcond_jax.nn import _checks
 from svdcond_jax.nn import whitening as _wh
@@ -133,9 +132,8 @@ class DecorrelatedBatchNorm(nnx.Module):
           An array of ``x``'s shape in ``dtype`` (None: ``x.dtype``).
         """
         where = type(self).__name__
-        use_running_average = first_from(
-            use_running_average, self.use_running_average,
-            error_msg=f"{where}: pass use_running_average to the constructor or the call")
+        use_running_average = _checks.mode(where, "use_running_average", use_running_average,
+                                           self.use_running_average)
         x = _wh._check_decorrelated_batch_norm_input(
             where, x, groups=self.groups, training=not use_running_average,
             axis_name=self.axis_name)
