@@ -5,6 +5,9 @@ SVD Meta-layer by Orthogonality", ECCV 2022. This module only re-exports the pub
 training lives in ``svdcond_jax.training`` and is not imported here.
 """
 
+# Flax NNX versions of the layers: svdcond_jax.nnx.DecorrelatedBatchNorm etc.
+from svdcond_jax import nnx
+
 # The meta-layer: covariance (Eq. 2), matrix (inverse) square roots (Eqs. 3-8), kappa (Eq. 1).
 from svdcond_jax.meta_layer import (
     METHODS,
@@ -82,6 +85,7 @@ __all__ = [
     "find_olr_eta",
     "inv_sqrtm",
     "nearest_orthogonal_gradient",
+    "nnx",
     "optimal_eta",
     "optimal_learning_rate",
     "orthogonality_loss",
