@@ -120,8 +120,9 @@ def test_writer_records_are_plain_json(tmp_path):
         w.write(4, "other", {})
     w.close()
     recs = writers.read_metrics(str(tmp_path))
-    assert recs[0] == {"step": 1, "kind": "train", "loss": 0.5, "n": 3, "flag": True,
-                       "bad": None, "none": None}
+    assert recs[0] == {"step": 1, "kind": "train", "seq": 0, "loss": 0.5, "n": 3,
+                       "flag": True, "bad": None, "none": None}
+    assert [r["seq"] for r in recs] == [0, 1, 2] and w.count == 3
     writers.truncate_metrics(str(tmp_path), 2)
     assert [r["kind"] for r in writers.read_metrics(str(tmp_path))] == ["train", "eval"]
 

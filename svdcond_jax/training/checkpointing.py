@@ -73,16 +73,22 @@ def state_arrays(state: TrainState) -> dict[str, Any]:
 
 
 def _host(x: Any) -> np.ndarray:
-    """A host copy of one (replicated) array; multi-host arrays give their local copy."""
+    """A host copy of one (replicated) array in jax's canonical dtype (a Python or NumPy
+    scalar such as a fresh state's ``step`` compares equal to the int32 it is restored as);
+    multi-host arrays give their local copy."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)
-    return np.asarray(x)
+    a = np.asarray(x)
+    return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
 
 
 def tree_structure(tree: Any) -> list[list[Any]]:
     """``[path, shape, dtype]`` of every array of ``tree``, in tree order (JSON-ready)."""
-    return [[jax.tree_util.keystr(path), list(np.shape(x)),
-             str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)]
+    def dtype(x: Any) -> str:
+        return str(jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype")
+                                                 else np.asarray(x).dtype))
+
+    return [[jax.tree_util.keystr(path), list(np.shape(x)), dtype(x)]
             for path, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 

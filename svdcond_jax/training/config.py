@@ -147,7 +147,7 @@ def _epochs(v: Any) -> str | None:
     text = "a list of increasing integer epochs >= 1 (may be empty)"
     if not isinstance(v, list | tuple) or not all(_is_int(e) and e >= 1 for e in v):
         return text
-    return None if all(a < b for a, b in zip(v, v[1:])) else text
+    return None if all(a < b for a, b in zip(v[:-1], v[1:], strict=True)) else text
 
 
 def _datasets() -> Sequence[str]:
