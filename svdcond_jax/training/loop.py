@@ -375,7 +375,9 @@ def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
     batches = _train_iterator(config, data, par, start, steps_per_epoch)
     bar = _progress(config, total, start)
     postfix: dict[str, str] = {}
-    epoch_of = lambda step: (step - 1) // steps_per_epoch  # noqa: E731 (1-based step)
+
+    def epoch_of(step: int) -> int:  # 0-based epoch of a 1-based step
+        return (step - 1) // steps_per_epoch
 
     def log_train(step: int, t: float, state: TrainState, metrics: Any, **_: Any) -> None:
         host = par.host(metrics)
