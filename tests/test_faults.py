@@ -393,18 +393,31 @@ def test_checkpoint_without_record_from_the_earlier_optimizer_layout_restores(
     ckpt = checkpointing.Checkpointer(str(reference))
     saved = ckpt.restore(arrays, 8)  # the current layout, as the reference saved it
     ckpt.close()
-    earlier = {**saved, "opt_state": saved["opt_state"].inner_state}  # before inject_hyperparams
+    # the same state in the layout of the optimizer before inject_hyperparams (whose
+    # schedule count, absent now, is the number of applied updates)
+    earlier, _ = state.pre_inject_layout(_config(), setup, arrays)
+    now = {jax.tree_util.keystr(p): x for p, x in
+           jax.tree_util.tree_leaves_with_path(saved["opt_state"].inner_state)}
+    old_opt = jax.tree_util.tree_map_with_path(
+        lambda p, x: now.get(jax.tree_util.keystr(p), np.int32(8)), earlier["opt_state"])
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))  # as the earlier version
-    manager.save(8, args=ocp.args.StandardSave(earlier))  # (no integrity record)
+    manager.save(8, args=ocp.args.StandardSave({**saved, "opt_state": old_opt}))  # no record
     manager.wait_until_finished()
     manager.close()
-    layout = state.pre_inject_layout(arrays, setup.learning_rate_fn)
     old = checkpointing.Checkpointer(str(tmp_path))
-    restored = checkpointing.restore_latest(old, arrays, legacy=layout)
+    restored = checkpointing.restore_latest(
+        old, arrays, legacy=state.pre_inject_layout(_config(), setup, arrays))
     old.close()
     assert restored.step == 8 and not restored.verified and restored.extra == {}
     _assert_same_arrays(restored.tree, saved)  # count, learning rate, schedule state too
     assert float(state.learning_rate(restored.tree["opt_state"])) == pytest.approx(0.01)
+
+
+def test_checkpoint_past_the_configs_last_step_is_refused(tmp_path, reference):
+    workdir = _copy(reference, tmp_path / "run")
+    with pytest.raises(ValueError, match="checkpoint at step 8, past this config's last step 6"):
+        train_and_evaluate(_config(num_train_steps=6), str(workdir))
+    assert _history(workdir) == _history(reference)  # its metrics were left alone
 
 
 # ------------------------------------------------------------------------- metrics history

@@ -263,7 +263,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     Raises:
         ValueError: an invalid config (before anything is loaded or compiled), a dataset
-            smaller than one batch, a batch size not divisible by the devices.
+            smaller than one batch, a batch size not divisible by the devices, a checkpoint
+            past the config's last step.
         WorkdirBusyError: another run holds ``workdir``.
         CheckpointMismatchError: ``workdir`` holds checkpoints of another config.
     """
@@ -310,10 +311,14 @@ def _train(config: Any, workdir: str, local: int) -> dict[str, Any]:
         jax.random.key(config.seed, impl=config.prng_impl), setup, image_shape)
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
     try:
-        legacy = pre_inject_layout(checkpointing.state_arrays(host_state),
-                                   setup.learning_rate_fn)
+        legacy = pre_inject_layout(config, setup, checkpointing.state_arrays(host_state))
         host_state, restored = checkpointing.restore_state(ckpt, host_state, legacy=legacy)
         start = int(jax.device_get(host_state.step))
+        if start > total:
+            raise ValueError(f"{workdir} holds a checkpoint at step {start}, past this "
+                             f"config's last step {total} (num_train_steps="
+                             f"{config.num_train_steps}, num_epochs={config.num_epochs}): "
+                             "the run cannot end there; use another workdir")
         writer = writers.MetricsWriter(workdir,
                                        first_seq=_resume_history(workdir, start, restored))
         state = par.place_state(host_state)

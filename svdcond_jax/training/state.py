@@ -153,32 +153,43 @@ def learning_rate(opt_state: Any) -> jax.Array:
     return opt_state.hyperparams["learning_rate"]
 
 
-def pre_inject_layout(arrays: dict[str, Any], learning_rate_fn: optax.Schedule
+def pre_inject_layout(config: Any, setup: Setup, arrays: dict[str, Any]
                       ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
     """Checkpoint layout of the earlier optimizer (no inject_hyperparams) and its conversion.
 
-    Checkpoints written before the optimizer was wrapped hold ``opt_state`` =
-    the inner ``pre_svd_sgd`` state. The wrapper's count is the number of applied updates,
-    ``step - svd_failures`` (a skipped step keeps the optimizer state), and its
-    learning rate the schedule's value at the last of them.
+    Checkpoints written before the optimizer was wrapped hold ``opt_state`` = the state of
+    ``pre_svd_sgd(schedule, ...)`` (which also keeps a schedule count). Every leaf of the
+    wrapped optimizer's inner state is taken from the leaf at the same tree path there; the
+    wrapper's count is the number of applied updates, ``step - svd_failures`` (a skipped
+    step keeps the optimizer state), and its learning rate the schedule's value at the last
+    of them.
 
     Args:
-        arrays: the current saved arrays (``checkpointing.state_arrays``) as the target.
-        learning_rate_fn: the run's schedule.
+        config: reads momentum, weight_decay.
+        setup: the run's setup (schedule, Pre-SVD pattern, method).
+        arrays: the current saved arrays (``checkpointing.state_arrays``), the target.
 
     Returns:
         (target in the earlier layout, function converting a restored tree to ``arrays``').
     """
+    earlier_tx = pre_svd_sgd(setup.learning_rate_fn, setup.pre_svd_pattern,
+                             momentum=float(config.momentum),
+                             weight_decay=float(config.weight_decay), nog=setup.spec.nog,
+                             olr=setup.spec.olr)
     wrapped = arrays["opt_state"]
-    earlier = {**arrays, "opt_state": wrapped.inner_state}
+    earlier = {**arrays, "opt_state": earlier_tx.init(arrays["params"])}
 
     def convert(tree: dict[str, Any]) -> dict[str, Any]:
+        old = {jax.tree_util.keystr(p): x
+               for p, x in jax.tree_util.tree_leaves_with_path(tree["opt_state"])}
+        inner = jax.tree_util.tree_map_with_path(
+            lambda p, _: old[jax.tree_util.keystr(p)], wrapped.inner_state)
         count = jnp.asarray(tree["step"] - tree["svd_failures"], wrapped.count.dtype)
-        lr = learning_rate_fn(jnp.maximum(count - 1, 0))
+        lr = setup.learning_rate_fn(jnp.maximum(count - 1, 0))
         hyper = {"learning_rate": jnp.asarray(lr, learning_rate(wrapped).dtype)}
         states = jax.tree_util.tree_map(lambda _: count, wrapped.hyperparams_states)
         opt_state = wrapped._replace(count=count, hyperparams=hyper,
-                                     hyperparams_states=states, inner_state=tree["opt_state"])
+                                     hyperparams_states=states, inner_state=inner)
         return {**tree, "opt_state": opt_state}
 
     return earlier, convert
