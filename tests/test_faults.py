@@ -387,30 +387,34 @@ def test_checkpoint_of_another_config_is_refused_and_left_in_place(tmp_path, ref
     assert not (workdir / checkpointing.DAMAGED_DIR).exists()
 
 
-def test_checkpoint_without_record_from_the_earlier_optimizer_layout_restores(
-        tmp_path, reference, target):
+def test_checkpoint_of_the_earlier_optimizer_layout_resumes_bit_identically(
+        tmp_path, reference, target, caplog):
     arrays, setup = target
-    ckpt = checkpointing.Checkpointer(str(reference))
-    saved = ckpt.restore(arrays, 8)  # the current layout, as the reference saved it
-    ckpt.close()
-    # the same state in the layout of the optimizer before inject_hyperparams (whose
-    # schedule count, absent now, is the number of applied updates)
+    saved = _restore_unverified(reference, arrays, 4)  # the current layout
+    # the same state as the optimizer before inject_hyperparams stored it (without a record;
+    # its schedule count, absent now, is the number of applied updates)
     earlier, _ = state.pre_inject_layout(_config(), setup, arrays)
     now = {jax.tree_util.keystr(p): x for p, x in
            jax.tree_util.tree_leaves_with_path(saved["opt_state"].inner_state)}
     old_opt = jax.tree_util.tree_map_with_path(
-        lambda p, x: now.get(jax.tree_util.keystr(p), np.int32(8)), earlier["opt_state"])
-    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))  # as the earlier version
-    manager.save(8, args=ocp.args.StandardSave({**saved, "opt_state": old_opt}))  # no record
+        lambda p, x: now.get(jax.tree_util.keystr(p), np.int32(4)), earlier["opt_state"])
+    workdir = _copy(reference, tmp_path / "run")
+    shutil.rmtree(workdir / "checkpoints")
+    manager = ocp.CheckpointManager(str(workdir / "checkpoints"))
+    manager.save(4, args=ocp.args.StandardSave({**saved, "opt_state": old_opt}))
     manager.wait_until_finished()
     manager.close()
-    old = checkpointing.Checkpointer(str(tmp_path))
+    ckpt = checkpointing.Checkpointer(str(workdir))
     restored = checkpointing.restore_latest(
-        old, arrays, legacy=state.pre_inject_layout(_config(), setup, arrays))
-    old.close()
-    assert restored.step == 8 and not restored.verified and restored.extra == {}
+        ckpt, arrays, legacy=state.pre_inject_layout(_config(), setup, arrays))
+    ckpt.close()
+    assert restored.step == 4 and not restored.verified and restored.extra == {}
     _assert_same_arrays(restored.tree, saved)  # count, learning rate, schedule state too
-    assert float(state.learning_rate(restored.tree["opt_state"])) == pytest.approx(0.01)
+    with caplog.at_level(logging.WARNING, logger="svdcond_jax.training.checkpointing"):
+        summary = train_and_evaluate(_config(), str(workdir))  # trains steps 5-8 from it
+    assert "earlier layout, converted" in caplog.text and summary["complete"]
+    _assert_same_arrays(_final_params(workdir), _final_params(reference))
+    assert _history(workdir) == _history(reference)
 
 
 def test_checkpoint_past_the_configs_last_step_is_refused(tmp_path, reference):

@@ -184,11 +184,15 @@ def pre_inject_layout(config: Any, setup: Setup, arrays: dict[str, Any]
                for p, x in jax.tree_util.tree_leaves_with_path(tree["opt_state"])}
         inner = jax.tree_util.tree_map_with_path(
             lambda p, _: old[jax.tree_util.keystr(p)], wrapped.inner_state)
-        count = jnp.asarray(tree["step"] - tree["svd_failures"], wrapped.count.dtype)
-        lr = setup.learning_rate_fn(jnp.maximum(count - 1, 0))
-        hyper = {"learning_rate": jnp.asarray(lr, learning_rate(wrapped).dtype)}
-        states = jax.tree_util.tree_map(lambda _: count, wrapped.hyperparams_states)
-        opt_state = wrapped._replace(count=count, hyperparams=hyper,
+        # One new array per leaf: a state whose leaves share a buffer cannot be donated to
+        # the compiled step (XLA would receive the same buffer twice).
+        def count() -> jax.Array:
+            return jnp.array(tree["step"] - tree["svd_failures"], wrapped.count.dtype)
+
+        lr = setup.learning_rate_fn(jnp.maximum(count() - 1, 0))
+        hyper = {"learning_rate": jnp.array(lr, learning_rate(wrapped).dtype)}
+        states = jax.tree_util.tree_map(lambda _: count(), wrapped.hyperparams_states)
+        opt_state = wrapped._replace(count=count(), hyperparams=hyper,
                                      hyperparams_states=states, inner_state=inner)
         return {**tree, "opt_state": opt_state}
 
