@@ -18,7 +18,8 @@ always finite: non-finite steps are skipped) or whose record is unreadable is mo
 and the next older one is tried. A checkpoint without a record (written by an earlier
 version, or the run was killed between orbax's commit and the record) is accepted when it
 restores and is finite, saying so. A record whose structure differs from the state being
-restored means another config wrote the workdir: that raises
+restored (or, without a record, orbax metadata listing arrays of other shapes) means another
+config or an incompatible version wrote the workdir: that raises
 :class:`CheckpointMismatchError` and moves nothing.
 
 Why a digest of the restored arrays (not of the files): it checks exactly what training
@@ -182,6 +183,17 @@ class Checkpointer:
             raise ValueError(f"unreadable {INTEGRITY_FILE} ({e})") from None
         return record
 
+    def saved_shapes(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
+        """Sorted (shape, dtype) of the arrays orbax's metadata lists; None if unreadable."""
+        try:
+            metadata = self._mngr.item_metadata(step)
+            leaves = jax.tree_util.tree_leaves(metadata)
+            shapes = sorted((tuple(m.shape), str(jax.dtypes.canonicalize_dtype(m.dtype)))
+                            for m in leaves)
+        except Exception:  # noqa: BLE001 (any failure to read metadata means: unknown)
+            return None
+        return shapes or None
+
     def restore_raw(self, step: int | None = None) -> dict[str, Any]:
         """Restores checkpoint ``step`` (default latest) as nested dicts/lists of arrays."""
         step = self.latest_step() if step is None else step
@@ -244,6 +256,10 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+    return sorted((tuple(shape), dtype) for _, shape, dtype in tree_structure(tree))
+
+
 def _mismatch(step: int, saved: list[Any], wanted: list[Any]) -> CheckpointMismatchError:
     saved_t, wanted_t = [tuple(map(str, a)) for a in saved], [tuple(map(str, a)) for a in wanted]
     diff = [a for a in saved_t if a not in wanted_t][:3] + [
@@ -261,6 +277,11 @@ def _try_restore(ckpt: Checkpointer, step: int, target: Any, legacy: Legacy | No
     record = ckpt.read_record(step)
     if record is not None and record.get("arrays") != tree_structure(target):
         raise _mismatch(step, record.get("arrays") or [], tree_structure(target))
+    if record is None and (saved := ckpt.saved_shapes(step)) is not None:
+        # No record, but orbax's metadata is readable: arrays of other shapes mean another
+        # config or an incompatible version wrote it, not damage.
+        if saved != _shapes(target) and (legacy is None or saved != _shapes(legacy[0])):
+            raise _mismatch(step, [list(a) for a in saved], [list(a) for a in _shapes(target)])
     try:
         tree, note = ckpt.restore(target, step), ""
     except Exception as e:  # orbax/tensorstore raise many types on damaged files

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -119,10 +120,12 @@ def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
     return Setup(spec, task, model, lr_fn, tx, pattern, eps, ol_coeff)
 
 
-# pre_svd_sgd's arguments that stay Python values: inject_hyperparams would take a callable
-# selection for a schedule, and keeping momentum/weight decay static keeps the optimizer
-# state (and the checkpoints) to the one scheduled value, the learning rate.
-_STATIC_ARGS = ("pre_svd", "momentum", "weight_decay", "nog_method")
+# Only the learning rate is injected; every other argument of pre_svd_sgd stays a Python
+# value: inject_hyperparams would take a callable selection for a schedule, and static
+# momentum/weight decay keep the optimizer state (and the checkpoints) to the one
+# scheduled value.
+_STATIC_ARGS = tuple(n for n in inspect.signature(pre_svd_sgd).parameters
+                     if n != "learning_rate")
 
 
 def create_optimizer(config: Any, spec: MethodSpec, learning_rate_fn: optax.Schedule,
