@@ -267,8 +267,8 @@ def _mismatch(step: int, saved: list[Any], wanted: list[Any]) -> CheckpointMisma
     return CheckpointMismatchError(
         f"checkpoint {step} was written for another train state ({len(saved)} arrays; this "
         f"config's state has {len(wanted)}; differing: {diff}). The workdir belongs to "
-        "another model/method/optimizer config: use another workdir (or the config that "
-        "wrote it).")
+        "another model/method/optimizer config (or a version of svdcond_jax with another "
+        "optimizer state): use another workdir (or the config that wrote it).")
 
 
 def _try_restore(ckpt: Checkpointer, step: int, target: Any, legacy: Legacy | None
@@ -316,7 +316,8 @@ def restore_latest(ckpt: Checkpointer, target: Any, *, legacy: Legacy | None = N
         then starts from scratch, and the warnings say so).
 
     Raises:
-        CheckpointMismatchError: a checkpoint's record describes another state structure.
+        CheckpointMismatchError: a checkpoint's record (or, without one, orbax's metadata)
+            describes another state structure; nothing is moved.
     """
     steps = ckpt.all_steps()
     for step in reversed(steps):
