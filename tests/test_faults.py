@@ -36,7 +36,11 @@ from svdcond_jax.training.config import get_config, validate_config
 from svdcond_jax.training.loop import train_and_evaluate
 from svdcond_jax.training.workdir_lock import WorkdirBusyError
 
-pytestmark = pytest.mark.slow
+# orbax's reader coroutines of the restores that fail on purpose here complain ("Event loop
+# is closed") whenever they are garbage-collected, often during a later test: noise of the
+# injected damage, not a failure.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "experiments" / "configs" / "digits_demo.py"
@@ -333,9 +337,6 @@ def _damage(workdir: Path, step: int, mode: str, arrays=None) -> None:
         raise ValueError(mode)
 
 
-# orbax's reader coroutines of a failed restore report "Event loop is closed" when they are
-# collected: noise of the damage injected here, not a failure.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("mode", ["truncated", "garbage", "metadata_deleted", "empty",
                                   "bit_flipped"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, target,
@@ -355,7 +356,6 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert os.listdir(workdir / checkpointing.DAMAGED_DIR) == ["8"]  # kept for inspection
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_bit_flipped_checkpoint_resumes_from_the_previous_one_bit_identically(
         tmp_path, reference, target):
     workdir = _copy(reference, tmp_path / "run")
