@@ -26,8 +26,8 @@ records. Otherwise (the file was deleted or edited) ``complete`` is false,
 (``best_val_error``, ``median_kappa_eps``) are null, and a warning says the summary is not
 a result (experiments/tables.py leaves such runs out).
 
-Multi-host: call :func:`initialize_distributed` (``jax.distributed.initialize()``) at the
-start of the program, before any other jax call; each process then reads its share of the
+Multi-host: call :func:`svdcond_jax.training.distributed.initialize` at the start of
+the program, before any other jax call; each process then reads its share of the
 data (``jax.process_index/process_count`` in the input pipeline) and the steps run over the
 global mesh. Only process 0 writes metrics, takes the workdir lock and writes checkpoint
 records; the conditioning monitor reads the features addressable by process 0; the returned
@@ -71,19 +71,6 @@ from svdcond_jax.training.state import learning_rate as _learning_rate
 from svdcond_jax.training.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
-
-
-def initialize_distributed() -> None:
-    """Multi-host setup: ``jax.distributed.initialize()`` (a no-op for one process).
-
-    On a cluster with a coordinator (Cloud TPU, SLURM, or the JAX_COORDINATOR_ADDRESS /
-    JAX_NUM_PROCESSES / JAX_PROCESS_ID environment) this connects the processes; call it
-    first thing in ``main``. Untested here (one process only).
-    """
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError):  # not in a multi-process environment
-        pass
 
 
 def _local_batch_size(batch_size: int) -> int:

@@ -185,7 +185,7 @@ def make_parallel(mode: str, *, learning_rate_fn: optax.Schedule | None = None,
     Multi-host: under "jit" each process passes its local batch share and
     ``jax.make_array_from_process_local_data`` assembles the global array; under "pmap"
     each process maps over its local devices. Both need ``jax.distributed.initialize()``
-    to be called first (see ``loop.initialize_distributed``).
+    to be called first (see ``training.distributed.initialize``).
     """
     if mode not in ("jit", "pmap"):
         raise ValueError(f"parallel={mode!r}; valid: 'jit', 'pmap'")
