@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_eval_examples = -1
     config.shuffle_buffer = 50_000  # whole CIFAR train split; ImageNet: ~16_384 (memory)
     # --- model / method -----------------------------------------------------------------
-    config.model = "TinyResNet"  # class name in svdcond_jax.models
+    config.model = "TinyResNet"  # network factory in svdcond_jax.models
     config.num_filters = -1  # -1: the model's default (TinyResNet 8); >27 shows rank <= 27
     config.method = "svd"  # one of svdcond_jax.training.methods.METHODS
     config.task = "auto"  # "dbn" (whitening stem) | "gcp" (covariance head) | "auto"
@@ -169,23 +169,18 @@ def _tasks() -> Sequence[str]:
 
 
 def _network_names() -> list[str]:
-    """Names in svdcond_jax.models that build a whole network (a Module with num_classes)."""
-    import dataclasses
-    import functools
-
-    import flax.linen as nn
+    """Names in svdcond_jax.models that build a whole network: factories ``f(num_classes, ...)``."""
+    import inspect
 
     from svdcond_jax import models
 
-    def base(obj: Any) -> Any:
-        while isinstance(obj, functools.partial):
-            obj = obj.func
-        return obj
+    def builds_network(obj: Any) -> bool:
+        if isinstance(obj, type) or not inspect.isfunction(obj):
+            return False
+        params = list(inspect.signature(obj).parameters)
+        return bool(params) and params[0] == "num_classes"
 
-    return sorted(n for n in dir(models)
-                  if isinstance(cls := base(getattr(models, n)), type)
-                  and issubclass(cls, nn.Module)
-                  and "num_classes" in {f.name for f in dataclasses.fields(cls)})
+    return sorted(n for n in dir(models) if builds_network(getattr(models, n)))
 
 
 def _model(v: Any) -> str | None:
