@@ -8,12 +8,21 @@ paper's: (1, 64, 64) (decorrelated BN, one group of 64 channels) and (256, 256, 
 (GCP: a batch of 256 covariances of 256 channels). Inputs are well-conditioned random SPD
 matrices (eigenvalues in [1e-2, 1]) so that plain autodiff through eigh is finite.
 
+With ``--torch`` (the ``benchmarks`` extra) the same forward and forward+backward of
+``torch.linalg.eigh`` with plain autograd (eigenvalues clamped alike) is timed in the same
+interleaved rounds, on ``--torch_device``.
+
 Targets to report (not asserted): the exact eigh backward costs no more than plain autodiff
 through eigh, and eigh fwd+bwd <= 1.5x fwd.
 
+Threads: ``main`` first applies ``svdcond_jax.training.runtime.configure()``, which caps
+SciPy's OpenBLAS (the LAPACK behind jax's CPU eigh) at one thread; its threads otherwise
+fight XLA's own thread pool for the cores (docs/performance.md). Set
+``OPENBLAS_NUM_THREADS`` yourself to override.
+
 Usage:
-  python benchmarks/meta_layer.py --quick --json meta_layer.json
-  python benchmarks/meta_layer.py --shapes 1x64x64,256x256x256 --repeats 10
+  python -m benchmarks.meta_layer --quick --json meta_layer.json
+  python -m benchmarks.meta_layer --shapes 1x64x64,256x256x256 --repeats 10 --torch
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import numpy as np
 from svdcond_jax import sqrtm
 
 BASELINE = "eigh_autodiff"
+TORCH = "torch_eigh_autograd"
 CONFIGS: dict[str, tuple[str, dict]] = {
     "eigh_exact": ("eigh", {"backward": "exact"}),
     "eigh_taylor": ("eigh", {"backward": "taylor"}),
@@ -87,15 +97,57 @@ def build_functions(p: jax.Array) -> dict[tuple[str, str], Callable]:
     return fns
 
 
-def run(shapes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
-    """Time every configuration on every shape; one row per (shape, method)."""
+def build_torch_functions(p: jax.Array, device: str = "cpu") -> dict[tuple[str, str], Callable]:
+    """Forward and forward+backward of ``torch.linalg.eigh`` P^{1/2} with plain autograd.
+
+    Same input, eigenvalue clamp (float32 eps * lambda_max) and linear loss as
+    :func:`build_functions`; the callables ignore their argument and synchronise the device.
+    """
+    import torch
+
+    pt = torch.from_numpy(np.array(p)).to(device)
+    weight = torch.from_numpy(np.random.default_rng(1).normal(size=p.shape[-2:])).to(pt)
+    sync = torch.cuda.synchronize if pt.is_cuda else (lambda: None)
+
+    def sqrtm_torch(a):
+        lam, u = torch.linalg.eigh(a)
+        floor = (torch.finfo(a.dtype).eps * lam[..., -1:]).detach()
+        return (u * torch.clamp(lam, min=floor).sqrt()[..., None, :]) @ u.transpose(-1, -2)
+
+    def fwd(_):
+        with torch.no_grad():
+            sqrtm_torch(pt)
+        sync()
+
+    def fwd_bwd(_):
+        a = pt.detach().requires_grad_(True)
+        torch.autograd.grad((sqrtm_torch(a) * weight).sum(), a)
+        sync()
+
+    return {(TORCH, "fwd"): fwd, (TORCH, "fwd_bwd"): fwd_bwd}
+
+
+def run(shapes: list[tuple[int, int, int]], repeats: int, *, torch: bool = False,
+        torch_device: str = "cpu") -> list[dict]:
+    """Time every configuration on every shape; one row per (shape, method).
+
+    Args:
+      shapes: (batch, d, d) shapes.
+      repeats: interleaved timed rounds.
+      torch: also time ``torch.linalg.eigh`` with autograd (row method ``TORCH``).
+      torch_device: the torch device.
+    """
     rows = []
+    names = [*CONFIGS, *([TORCH] if torch else [])]
     for shape in shapes:
         print(f"  timing {shape} ...", file=sys.stderr, flush=True)
         p = random_spd(shape)
-        times = time_interleaved(build_functions(p), p, repeats)
+        fns = build_functions(p)
+        if torch:
+            fns.update(build_torch_functions(p, torch_device))
+        times = time_interleaved(fns, p, repeats)
         stats = {}
-        for name in CONFIGS:
+        for name in names:
             fwd, both = times[(name, "fwd")], times[(name, "fwd_bwd")]
             stats[name] = {"fwd_s": statistics.median(fwd), "fwd_bwd_s": statistics.median(both),
                            "fwd_min_s": min(fwd), "fwd_bwd_min_s": min(both)}
@@ -128,25 +180,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parses flags, times, prints the table, writes JSON; returns the rows."""
+    from svdcond_jax.training import runtime
+
+    settings = runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1x64x64,256x256x256",
                         help="comma-separated BxDxD shapes (default: the paper's)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     parser.add_argument("--quick", action="store_true", help="3 repeats (overrides --repeats)")
     parser.add_argument("--json", default=None, help="write results to this JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--torch", action="store_true",
+                        help="also time torch.linalg.eigh with autograd (benchmarks extra)")
+    parser.add_argument("--torch_device", default="cpu")
+    args = parser.parse_args(argv)
     shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
     repeats = 3 if args.quick else args.repeats
-    rows = run(shapes, repeats)
+    rows = run(shapes, repeats, torch=args.torch, torch_device=args.torch_device)
     print(f"backend={jax.default_backend()} devices={jax.devices()} repeats={repeats} "
           f"(float32, jit, ms are medians unless 'min'; base = {BASELINE})")
     print(format_table(rows))
     if args.json:
         meta = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-                "jax": jax.__version__, "machine": platform.machine(), "repeats": repeats}
+                "jax": jax.__version__, "machine": platform.machine(), "repeats": repeats,
+                "openblas_threads": settings["blas_threads"]}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import run
+from svdcond_jax.training import runtime
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "digits_demo.py"
 
@@ -45,6 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Runs the demo sweep, prints and returns the Markdown table."""
+    runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     args = parse_args(argv)
     config, module = run.load_config(str(CONFIG), quick=args.quick)
     run.apply_overrides(config, args.overrides)

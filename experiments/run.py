@@ -35,6 +35,7 @@ from typing import Any
 import ml_collections
 
 from experiments import plot, tables
+from svdcond_jax.training import runtime
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
 
@@ -101,6 +102,28 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         node[leaf] = parse_value(value.strip())
 
 
+def validate_sweep(config: ml_collections.ConfigDict, methods: Sequence[str],
+                   seeds: Sequence[int]) -> None:
+    """Validates every run's config of a sweep before the first run loads or compiles.
+
+    Raises:
+      ValueError: no method or no seed, or an invalid config field (the message names the
+        run, the field and its value; see `svdcond_jax.training.config.validate_config`).
+    """
+    from svdcond_jax.training.config import validate_config
+
+    if not methods or not seeds:
+        raise ValueError(f"nothing to run: methods={list(methods)}, seeds={list(seeds)}")
+    for method in methods:
+        for seed in seeds:
+            cfg = ml_collections.ConfigDict(config.to_dict())
+            cfg.method, cfg.seed = method, seed
+            try:
+                validate_config(cfg)
+            except ValueError as err:
+                raise ValueError(f"run {method}/seed{seed}: {err}") from None
+
+
 def _finished(run_dir: Path) -> bool:
     path = run_dir / tables.METRICS_FILE
     return path.is_file() and bool(tables.load_run(path).summary)
@@ -150,6 +173,10 @@ def run_sweep(
             start = time.perf_counter()
             summary = train_fn(cfg, str(run_dir))
             walls[name] = time.perf_counter() - start
+            if summary.get("complete") is False:
+                log(f"[{name}] INCOMPLETE, not a result: {summary.get('history_problem')}; "
+                    f"delete {run_dir} and rerun it")
+                continue
             error = summary.get("val_error")
             error_text = "n/a" if error is None else f"{error:.2f}%"
             log(f"[{name}] val_error={error_text} "
@@ -189,11 +216,17 @@ def report(
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
+    values = [int(s) for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no seed")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+    values = [s.strip() for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no method")
+    return values
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -236,6 +269,7 @@ def config_flag_overrides(extra: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None
          ) -> str:
     """Parses flags, runs the sweep, writes and prints the table; returns it."""
+    runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     args, extra = (parser or build_parser()).parse_known_args(argv)
     config, module = load_config(args.config, quick=args.quick)
     apply_overrides(config, [*args.overrides, *config_flag_overrides(extra)])
@@ -243,12 +277,21 @@ def main(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser |
     seeds = args.seeds if args.seeds is not None else list(getattr(module, "SEEDS", [0]))
     wall = None
     if not args.report_only:
+        try:
+            validate_sweep(config, methods, seeds)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
         wall = run_sweep(config, args.workdir, methods, seeds)
     title = getattr(module, "TITLE", None)
     table = report(args.workdir, methods, title=title, paper=getattr(module, "PAPER", None),
                    wall_s=wall)
     print(table)
     print(f"wrote {Path(args.workdir) / 'table.md'}, table.json, conditioning.png")
+    incomplete = [f"{r.method}/seed{r.seed}" for r in tables.collect_runs(args.workdir, methods)
+                  if r.summary.get("complete") is False]
+    if incomplete:
+        raise SystemExit(f"error: incomplete history, left out of the table: "
+                         f"{', '.join(incomplete)} (delete those run directories and rerun)")
     return table
 
 

@@ -143,7 +143,8 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def _singular_fraction(run: Run) -> float | None:
-    flags = [bool(r["singular"]) for r in run.conditioning if "singular" in r]
+    flags = [bool(r["singular"]) for r in run.conditioning
+             if r.get("singular") is not None]  # None: a non-finite (skipped) step
     return float(np.mean(flags)) if flags else None
 
 
@@ -182,8 +183,13 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
       monitored steps where the raw covariance was singular), rank / dim (last record of
       the first run), weight_norm_growth (Pre-SVD ||W|| last/first monitored step, median
       over seeds), olr_active_fraction (share of logged steps where OLR's eta* < lr, mean
-      over seeds), train_time_s (mean), seeds, num_runs, num_finished.
+      over seeds), train_time_s (mean), seeds, num_runs, num_finished, num_incomplete.
+      A run counts as finished only when its summary is a result: runs whose summary says
+      ``"complete": false`` (metrics.jsonl lost part of the history) are counted in
+      num_incomplete and left out of every number (their records too).
     """
+    incomplete = [r for r in runs if r.summary and r.summary.get("complete") is False]
+    all_runs, runs = runs, [r for r in runs if all(r is not i for i in incomplete)]
     done = [r for r in runs if r.summary]
     s = lambda key: _finite(r.summary.get(key) for r in done)
     errors = s("val_error")
@@ -192,9 +198,10 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
     last = next((r.conditioning[-1] for r in runs if r.conditioning), {})
     return {
         "method": method,
-        "seeds": [r.seed for r in runs],
-        "num_runs": len(runs),
+        "seeds": [r.seed for r in all_runs],
+        "num_runs": len(all_runs),
         "num_finished": len(done),
+        "num_incomplete": len(incomplete),
         "val_error_mean": _stat(errors, np.mean),
         "val_error_std": _std(errors),
         "val_error_min": _stat(errors, np.min),

@@ -5,6 +5,9 @@ SVD Meta-layer by Orthogonality", ECCV 2022. This module only re-exports the pub
 training lives in ``svdcond_jax.training`` and is not imported here.
 """
 
+# Flax NNX versions of the layers: svdcond_jax.nnx.DecorrelatedBatchNorm etc.
+from svdcond_jax import nnx
+
 # The meta-layer: covariance (Eq. 2), matrix (inverse) square roots (Eqs. 3-8), kappa (Eq. 1).
 from svdcond_jax.meta_layer import (
     METHODS,
@@ -39,7 +42,7 @@ from svdcond_jax.nn import (
 )
 
 # The optimizer: SGD with NOG and OLR on the Pre-SVD layer.
-from svdcond_jax.optimizers import find_olr_eta, pre_svd_mask, pre_svd_sgd
+from svdcond_jax.optimizers import find_olr_eta, pre_svd_labels, pre_svd_mask, pre_svd_sgd
 
 # Orthogonality: polar factor (NOG, Eqs. 14-17), orthogonality loss (Eq. 12), expm (Eq. 13).
 from svdcond_jax.orthogonal import (
@@ -82,12 +85,14 @@ __all__ = [
     "find_olr_eta",
     "inv_sqrtm",
     "nearest_orthogonal_gradient",
+    "nnx",
     "optimal_eta",
     "optimal_learning_rate",
     "orthogonality_loss",
     "polar_factor",
     "pre_svd_eps",
     "pre_svd_features",
+    "pre_svd_labels",
     "pre_svd_mask",
     "pre_svd_pattern",
     "pre_svd_sgd",

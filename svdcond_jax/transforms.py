@@ -1,22 +1,28 @@
 """optax transforms for the Pre-SVD layer: NOG (Eqs. 14-17) and OLR (Eqs. 18-21).
 
-* :func:`nearest_orthogonal_gradient` replaces each gradient leaf by its polar factor.
-* :func:`optimal_learning_rate` scales an (inner) update by ``-eta`` where ``eta`` is the
-  optimal learning rate of Eq. 20 clipped by the switch of Eq. 21.
+* :func:`nearest_orthogonal_gradient` replaces each gradient leaf by its polar factor; it
+  goes first in a chain, on the raw gradient.
+* :func:`optimal_learning_rate` is a complete SGD optimizer (weight decay, momentum, and the
+  step, already negated) whose learning rate is the optimal ``eta`` of Eq. 20 clipped by the
+  switch of Eq. 21. It goes where ``optax.sgd`` would go, last in the chain.
 
-Both are meant to be applied only to the Pre-SVD parameter; :mod:`svdcond_jax.optimizers`
-masks them. See docs/nog_olr.md and docs/reference_code.md.
+Both are meant for the Pre-SVD parameter only: select it with ``optax.partition`` and
+:func:`~svdcond_jax.optimizers.pre_svd_labels`, or use
+:func:`~svdcond_jax.optimizers.pre_svd_sgd`, which does it for you. See docs/nog_olr.md.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from svdcond_jax._paths import path_str
+from svdcond_jax._paths import array_leaves_with_paths
 from svdcond_jax.orthogonal import POLAR_METHODS, as_matrix, polar_factor
 
 __all__ = [
@@ -27,25 +33,145 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------ argument checks
+
+
+def _is_real_float(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _check_float_leaves(fn: str, what: str, tree: Any) -> None:
+    """TypeError naming the path of any leaf that is not a real floating array."""
+    for path, x in array_leaves_with_paths(tree):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not _is_real_float(dtype):
+            raise TypeError(
+                f"{fn}: {what} {path!r} has dtype {dtype}; a real floating dtype "
+                "(float16/bfloat16/float32/float64) is required"
+            )
+
+
+def _check_real(fn: str, name: str, value: Any, *, low: float, low_open: bool = False,
+                high: float | None = None) -> None:
+    """Checks a scalar hyperparameter at construction time.
+
+    Python numbers and concrete arrays must lie in ``[low, high)`` (``(low, high)`` when
+    ``low_open``); traced arrays (``optax.inject_hyperparams`` under ``jit``) cannot be
+    checked here and are checked by :func:`_hyper_ok` at run time instead.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | jax.Array | np.ndarray):
+        raise TypeError(
+            f"{fn}: {name} must be a real number, got {name}={value!r} ({type(value).__name__})"
+        )
+    if isinstance(value, jax.Array | np.ndarray):
+        if value.shape != ():
+            raise ValueError(f"{fn}: {name} must be a scalar, got shape {value.shape}")
+        if not (_is_real_float(value.dtype) or jnp.issubdtype(value.dtype, jnp.integer)):
+            raise TypeError(f"{fn}: {name} must be real, got dtype {value.dtype}")
+        if isinstance(value, jax.core.Tracer):
+            return
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (high is None or v < high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high else "")
+        raise ValueError(f"{fn}: {name} must be finite and {bound}, got {name}={value!r}")
+
+
+def _check_learning_rate(fn: str, learning_rate: Any) -> None:
+    """A float must be finite and > 0; a scalar array (a schedule's value injected by
+    ``optax.inject_hyperparams``) finite and >= 0; a schedule is checked at run time."""
+    if callable(learning_rate):
+        return
+    if isinstance(learning_rate, optax.GradientTransformation):
+        raise TypeError(
+            f"{fn}: learning_rate must be a float or a schedule, got a "
+            "GradientTransformation; OLR is itself the optimizer of its parameters"
+        )
+    is_array = isinstance(learning_rate, jax.Array | np.ndarray)
+    _check_real(fn, "learning_rate", learning_rate, low=0.0, low_open=not is_array)
+
+
+def _check_sgd_hyperparams(fn: str, learning_rate: Any, momentum: Any, weight_decay: Any) -> None:
+    _check_learning_rate(fn, learning_rate)
+    _check_real(fn, "momentum", momentum, low=0.0, high=1.0)
+    _check_real(fn, "weight_decay", weight_decay, low=0.0)
+
+
+def _hyper_ok(lr: Any, momentum: Any, weight_decay: Any) -> jax.Array:
+    """Run-time check of values that only jit knows: lr_t >= 0, 0 <= m < 1, wd >= 0."""
+    lr, m, wd = (jnp.asarray(x, jnp.float32) for x in (lr, momentum, weight_decay))
+    return (
+        jnp.isfinite(lr) & (lr >= 0) & (m >= 0) & (m < 1) & jnp.isfinite(wd) & (wd >= 0)
+    )
+
+
+def _descent_scale(
+    learning_rate: optax.ScalarOrSchedule, momentum: Any, weight_decay: Any
+) -> optax.GradientTransformation:
+    """``optax.scale_by_learning_rate`` whose step is NaN when a traced hyperparameter is
+    out of range (a negative rate would ascend silently)."""
+
+    def neg_lr(count: jax.Array) -> jax.Array:
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        lr = jnp.asarray(lr, jnp.result_type(float))
+        return jnp.where(_hyper_ok(lr, momentum, weight_decay), -lr, jnp.nan)
+
+    return optax.scale_by_schedule(neg_lr)
+
+
+# ------------------------------------------------------------------------------------ NOG
+
+
+def _polar_leaf(g: jax.Array, kwargs: dict[str, Any]) -> jax.Array:
+    """Polar factor of ``as_matrix(g)`` in at least float32, NaN for non-finite ``g``."""
+    if g.size == 0:
+        return g
+    x = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    # The polar factor is scale-invariant: dividing by max|g| keeps Newton-Schulz's Frobenius
+    # norm from overflowing (huge g) or underflowing (tiny g), which would return zeros.
+    scale = jnp.max(jnp.abs(x))
+    finite = jnp.isfinite(scale)
+    x = jnp.where(finite & (scale > 0), x / jnp.where(scale > 0, scale, 1), jnp.zeros_like(x))
+    m, back = as_matrix(x)
+    r = back(polar_factor(m, **kwargs))  # never sees Inf: LAPACK's SVD does not return on Inf
+    return jnp.where(finite, r, jnp.nan).astype(g.dtype)
+
+
 def nearest_orthogonal_gradient(
-    *, method: str = "svd", num_iters: int | None = None
+    *, method: str = "svd", num_iters: int | None = None, rtol: float | None = None
 ) -> optax.GradientTransformation:
     """Nearest Orthogonal Gradient (NOG, Eqs. 14-17).
 
     Every leaf ``g`` is reshaped with :func:`~svdcond_jax.orthogonal.as_matrix` to
     ``(prod(shape[:-1]), shape[-1])``, replaced by its polar factor ``U V^T`` (all singular
-    values set to 1, no rescaling by the gradient norm) and reshaped back. Apply it to the RAW
-    gradient, before weight decay and momentum (docs/nog_olr.md), and only to the
-    Pre-SVD parameter (wrap it in ``optax.masked``). A zero gradient gives a zero update.
+    values set to 1, no rescaling by the gradient norm) and reshaped back. Place it FIRST,
+    on the raw gradient, before weight decay, momentum and
+    :func:`optimal_learning_rate` (docs/nog_olr.md), and only on the Pre-SVD parameter
+    (``optax.partition`` or ``optax.masked``).
+
+    Values: a zero gradient gives a zero update; a gradient with any NaN or Inf gives an
+    all-NaN update (so that ``optax.apply_if_finite`` skips the step). The polar factor is
+    scale-invariant, so the gradient is divided by ``max|g|`` first: huge or tiny finite
+    gradients are handled exactly. bfloat16/float16 gradients are computed in float32 and
+    returned in their own dtype.
 
     Args:
       method: ``"svd"`` (exact) or ``"newton_schulz"``, see
         :func:`~svdcond_jax.orthogonal.polar_factor`.
-      num_iters: Newton-Schulz iterations (``None``: polar_factor's default).
+      num_iters: Newton-Schulz iterations, ``>= 1`` (``None``: polar_factor's default);
+        only with ``method="newton_schulz"``.
+      rtol: forwarded to ``polar_factor(..., rtol=rtol)`` when not ``None``: singular values
+        below ``rtol * sigma_max`` are treated as zero (rank-aware NOG). ``0 <= rtol < 1``.
 
     Returns:
-      A stateless ``optax.GradientTransformation``. Its ``update`` raises ``ValueError``
-      naming the parameter path of any leaf with ``ndim < 2``.
+      A stateless ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: at construction, for an unknown ``method``, ``num_iters < 1`` or
+        ``num_iters`` with ``method="svd"``, or ``rtol`` outside ``[0, 1)``; in ``init`` and
+        ``update``, naming the parameter path, for a leaf with ``ndim < 2``.
+      TypeError: for a non-integer ``num_iters``, a non-real ``rtol``, or (naming the path)
+        a leaf whose dtype is not real floating (int, bool, complex).
 
     Example:
       >>> import jax.numpy as jnp
@@ -55,36 +181,68 @@ def nearest_orthogonal_gradient(
       >>> u["kernel"].tolist()
       [[1.0, 0.0], [0.0, 1.0]]
     """
+    fn = "nearest_orthogonal_gradient"
+    if not isinstance(method, str) or method not in POLAR_METHODS:
+        raise ValueError(f"{fn}: unknown method={method!r}; valid methods are {POLAR_METHODS}")
     kwargs: dict[str, Any] = {"method": method}
     if num_iters is not None:
-        kwargs["num_iters"] = num_iters
-    if method not in POLAR_METHODS:
-        raise ValueError(
-            f"nearest_orthogonal_gradient: unknown {method=}; valid methods are {POLAR_METHODS}"
-        )
-    if num_iters is not None and num_iters < 0:
-        raise ValueError(f"nearest_orthogonal_gradient: num_iters must be >= 0, got {num_iters=}")
+        if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral):
+            raise TypeError(f"{fn}: num_iters must be an int, got num_iters={num_iters!r}")
+        if num_iters < 1:
+            raise ValueError(f"{fn}: num_iters must be >= 1, got num_iters={num_iters}")
+        if method != "newton_schulz":
+            raise ValueError(
+                f"{fn}: num_iters={num_iters} only applies to method='newton_schulz', "
+                f"got method={method!r}"
+            )
+        kwargs["num_iters"] = int(num_iters)
+    if rtol is not None:
+        _check_real(fn, "rtol", rtol, low=0.0, high=1.0)
+        kwargs["rtol"] = float(rtol)
+
+    def check(what: str, tree: Any) -> None:
+        _check_float_leaves(fn, what, tree)
+        for path, x in array_leaves_with_paths(tree):
+            if x.ndim < 2:
+                raise ValueError(
+                    f"{fn}: {what} {path!r} has shape {x.shape}; NOG needs ndim >= 2 "
+                    "(select only the Pre-SVD kernel with optax.partition or optax.masked)"
+                )
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
-        del params
+        check("parameter", params)
         return optax.EmptyState()
-
-    def leaf_fn(path: tuple[Any, ...], g: jax.Array) -> jax.Array:
-        if g.ndim < 2:
-            raise ValueError(
-                f"nearest_orthogonal_gradient: parameter {path_str(path)!r} has shape "
-                f"{g.shape}; NOG needs ndim >= 2 (mask it out with optax.masked)"
-            )
-        m, back = as_matrix(g)
-        return back(polar_factor(m, **kwargs))
 
     def update_fn(
         updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, optax.EmptyState]:
         del params
-        return jax.tree_util.tree_map_with_path(leaf_fn, updates), state
+        check("update", updates)
+        return jax.tree_util.tree_map(lambda g: _polar_leaf(g, kwargs), updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------- optimal eta
+
+
+def _eta_star(w: jax.Array, l: jax.Array) -> jax.Array:  # noqa: E741
+    """Eq. 20 in the inputs' (floating) dtype; no checks. See :func:`optimal_eta`."""
+    wv, lv = jnp.ravel(w), jnp.ravel(l)
+    # eta*(a w, b l) = (a / b) eta*(w, l): normalise by max|.| so that no sum over- or
+    # underflows, then scale back.
+    sw = jnp.max(jnp.abs(wv), initial=0.0)
+    sl = jnp.max(jnp.abs(lv), initial=0.0)
+    finite = jnp.isfinite(sw) & jnp.isfinite(sl)
+    one = jnp.ones_like(sw)
+    wv = wv / jnp.where(finite & (sw > 0), sw, one)
+    lv = lv / jnp.where(finite & (sl > 0), sl, one)
+    ww, lw, ll = wv @ wv, lv @ wv, lv @ lv
+    den = ww * ll + 2.0 * lw * lw
+    unit = jnp.where(den > 0, ww * lw / jnp.where(den > 0, den, one), jnp.zeros_like(den))
+    ratio = sw / jnp.where(sl > 0, sl, one)
+    star = jnp.where(unit == 0, jnp.zeros_like(unit), unit * ratio)
+    return jnp.where(finite, star, jnp.nan)
 
 
 def optimal_eta(w: jax.Array, l: jax.Array) -> jax.Array:  # noqa: E741
@@ -92,19 +250,24 @@ def optimal_eta(w: jax.Array, l: jax.Array) -> jax.Array:  # noqa: E741
 
     With ``w`` and ``l`` vectorised (all axes flattened),
     ``eta* = (w.w)(l.w) / ((w.w)(l.l) + 2 (l.w)^2)``, the minimiser of the first-order
-    expansion of ``||(W - eta L)(W - eta L)^T - I||_F`` (Eqs. 18-19). The sums are computed in
-    the inputs' dtype (at least float32). A zero denominator (zero weight or zero gradient)
-    gives ``eta* = 0``, never NaN. Use ``jax.vmap`` for a batch of pairs.
+    expansion of ``||(W - eta L)(W - eta L)^T - I||_F`` (Eqs. 18-19). Computed in at least
+    float32, after dividing ``w`` and ``l`` by their largest magnitudes
+    (``eta*(a w, b l) = (a / b) eta*(w, l)``), so no sum over- or underflows.
+
+    Values: a zero (or empty) weight or gradient gives ``eta* = 0``; a NaN or Inf anywhere
+    in ``w`` or ``l`` gives NaN. Use ``jax.vmap`` for a batch of pairs.
 
     Args:
-      w: weight, any shape.
+      w: weight, any shape, real floating dtype.
       l: gradient, same shape as ``w``.
 
     Returns:
-      Scalar ``eta*``.
+      Scalar ``eta*`` in the inputs' common dtype (bfloat16/float16 inputs are computed in
+      float32 and the result cast back).
 
     Raises:
       ValueError: if the shapes differ.
+      TypeError: if a dtype is not real floating (int, bool, complex).
 
     Example:
       >>> import jax.numpy as jnp
@@ -112,53 +275,122 @@ def optimal_eta(w: jax.Array, l: jax.Array) -> jax.Array:  # noqa: E741
       >>> float(optimal_eta(w, w))  # N t / (N^2 + 2 t^2) with N = t = 2
       0.3333333432674408
     """
+    w, l = jnp.asarray(w), jnp.asarray(l)  # noqa: E741
     if w.shape != l.shape:
-        raise ValueError(f"optimal_eta: shapes differ, {w.shape=} vs {l.shape=}")
-    dtype = jnp.promote_types(jnp.result_type(w, l), jnp.float32)
-    wv = jnp.ravel(w).astype(dtype)
-    lv = jnp.ravel(l).astype(dtype)
-    ww, lw, ll = wv @ wv, lv @ wv, lv @ lv
-    den = ww * ll + 2.0 * lw * lw
-    safe = jnp.where(den > 0, den, jnp.ones_like(den))
-    return jnp.where(den > 0, ww * lw / safe, jnp.zeros_like(den))
+        raise ValueError(f"optimal_eta: shapes differ, w.shape={w.shape} vs l.shape={l.shape}")
+    for name, x in (("w", w), ("l", l)):
+        if not _is_real_float(x.dtype):
+            raise TypeError(f"optimal_eta: {name} must have a real floating dtype, got "
+                            f"{name}.dtype={x.dtype}")
+    dtype = jnp.result_type(w, l)
+    work = jnp.promote_types(dtype, jnp.float32)
+    return _eta_star(w.astype(work), l.astype(work)).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------ OLR
 
 
 class OptimalLearningRateState(NamedTuple):
-    """State of :func:`optimal_learning_rate`."""
+    """State of :func:`optimal_learning_rate`: step count, last eta, momentum buffer.
 
-    count: jax.Array  # () int32, number of updates so far
-    eta: Any  # pytree like params of () floats: eta used at the last step (0 before)
-    inner_state: optax.OptState  # state of the inner transformation
+    ``eta`` and ``trace`` are pytrees with the parameters' structure (one leaf per
+    parameter, ``optax.MaskedNode`` where ``optax.masked`` hides one). Read the eta with
+    :func:`~svdcond_jax.optimizers.find_olr_eta` from any enclosing optimizer state.
+    """
+
+    count: jax.Array
+    eta: Any
+    trace: Any
 
 
-def _eta_dtype(w: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(jnp.asarray(w).dtype, jnp.float32)
+OptimalLearningRateState.count.__doc__ = (
+    "int32 scalar: number of updates so far; a learning-rate schedule is evaluated at it."
+)
+OptimalLearningRateState.eta.__doc__ = (
+    "Pytree like params of float scalars (at least float32): the learning rate used for "
+    "each parameter at the last step, eta* of Eq. 20 or the scheduled rate (Eq. 21); "
+    "0 before the first step, NaN after a step with non-finite inputs."
+)
+OptimalLearningRateState.trace.__doc__ = (
+    "Pytree like params (at least float32): the momentum buffer buf = momentum * buf + "
+    "(g + weight_decay * w), torch.optim.SGD's momentum_buffer; zeros before the first step, "
+    "so buf = g + weight_decay * w after it."
+)
+
+
+def _work_dtype(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
 def _switch(eta_star: jax.Array, lr: Any) -> jax.Array:
-    """Eq. 21 as run by the reference: eta* if 0 < eta* < lr else lr (NaN -> lr)."""
+    """Eq. 21 as run by the reference: eta* if 0 < eta* < lr else lr; NaN stays NaN."""
     lr = jnp.asarray(lr, eta_star.dtype)
     use_star = (eta_star > 0) & (eta_star < lr)
-    return jnp.where(use_star, eta_star, lr)
+    return jnp.where(jnp.isnan(eta_star), eta_star, jnp.where(use_star, eta_star, lr))
+
+
+def _check_pair(fn: str, updates: Any, params: Any) -> None:
+    """Same tree structure, and leaf by leaf the same shape (ValueError naming the path)."""
+    u_def, p_def = (jax.tree_util.tree_structure(t) for t in (updates, params))
+    if u_def != p_def:
+        raise ValueError(
+            f"{fn}: updates and params have different tree structures:\n  updates: {u_def}\n"
+            f"  params:  {p_def}"
+        )
+    for (path, u), (_, p) in zip(
+        array_leaves_with_paths(updates), array_leaves_with_paths(params), strict=True
+    ):
+        if u.shape != p.shape:
+            raise ValueError(
+                f"{fn}: update {path!r} has shape {u.shape} but its parameter has {p.shape}"
+            )
 
 
 def optimal_learning_rate(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    inner: optax.GradientTransformation | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    inner: None = None,
 ) -> optax.GradientTransformation:
-    """Optimal Learning Rate (OLR, Eqs. 18-21) as a final ``-eta`` scaling.
+    """SGD whose learning rate is the Optimal Learning Rate (OLR, Eqs. 18-21).
 
-    For each leaf, ``eta* = optimal_eta(w, l)`` (Eq. 20) is computed from the current weight
-    ``w`` (``params``) and the INCOMING update ``l`` (the raw gradient, or the NOG'd gradient
-    when NOG runs before this transform). The switch of Eq. 21, as the reference runs it, is
-    ``eta = eta*`` if ``0 < eta* < lr_t`` else ``lr_t``, with ``lr_t`` the learning rate the
-    other layers use at this step (a float or an optax schedule evaluated at this
-    transform's step count). A zero weight or gradient, or a non-finite ``eta*``, falls back
-    to ``lr_t``. The output is ``-eta * inner(l)``: with
-    ``inner = chain(add_decayed_weights(wd), trace(momentum))`` eta multiplies the whole
-    momentum step ``buf = m buf + (l + wd w)`` exactly as torch.optim.SGD with the layer's
-    learning rate replaced by eta (docs/nog_olr.md). ``inner=None`` means identity.
+    A complete optimizer for the parameters it receives (the Pre-SVD layer): use it exactly
+    where ``optax.sgd(...)`` would go; its output is the descent step, already negated, to
+    add to the parameters with ``optax.apply_updates``. Per parameter ``w`` with incoming
+    gradient ``g`` (the NOG'd gradient when :func:`nearest_orthogonal_gradient` is chained
+    before it), at step ``t``, as torch.optim.SGD with its learning rate replaced by eta::
+
+        eta* = optimal_eta(w, g)                            # Eq. 20
+        eta  = eta* if 0 < eta* < lr_t else lr_t            # Eq. 21 as the authors run it
+        d    = g + weight_decay * w
+        buf  = momentum * buf + d                           # buf = d on the first step
+        w   <- w - eta * (d + momentum * buf if nesterov else buf)
+
+    ``lr_t`` is the rate of the other layers at this step (a float, or a schedule evaluated
+    at this transform's step count). eta comes from the incoming gradient alone, before
+    weight decay and momentum, and multiplies the whole momentum step (docs/nog_olr.md).
+
+    Composition. Do not chain it after ``optax.sgd``, ``optax.scale_by_learning_rate`` or
+    any other transform that negates or rescales the update: it would compute eta from the
+    wrong vector and step uphill. ``inner=`` was removed for that reason. Natural uses::
+
+        optax.chain(nearest_orthogonal_gradient(),
+                    optimal_learning_rate(lr, momentum=0.9, weight_decay=5e-4))
+        optax.inject_hyperparams(optimal_learning_rate)(learning_rate=lr, momentum=0.9)
+
+    placed on the Pre-SVD subtree with ``optax.partition`` next to
+    ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))`` for the rest
+    (see :mod:`svdcond_jax.optimizers`).
+
+    Values (only known under ``jit``): a zero weight or gradient gives ``eta* = 0`` and the
+    switch uses ``lr_t``; a NaN/Inf weight or gradient, or a scheduled / injected ``lr_t``
+    that is negative or not finite, or an injected ``momentum`` outside ``[0, 1)`` or
+    ``weight_decay`` outside ``[0, inf)``, gives ``eta = NaN`` and an all-NaN update (so that
+    ``optax.apply_if_finite`` skips it). ``lr_t = 0`` (a warm-up schedule) gives a zero step.
+    bfloat16/float16 parameters and gradients are computed in float32 (the state too) and
+    the update is returned in the gradient's dtype.
 
     Proposition 1 erratum (docs/nog_olr.md). The paper states that for orthogonal
     ``W`` and ``l`` with ``N`` rows, ``1/(N^2+2) <= eta* <= N^2/(N^2+2)``. Its proof
@@ -169,31 +401,60 @@ def optimal_learning_rate(
     the lower bound fails for some pairs (tests/test_transforms.py finds counterexamples).
 
     Args:
-      learning_rate: ``lr_t``, a float or an optax schedule ``count -> lr``. Works with
+      learning_rate: ``lr_t``, a float > 0 or an optax schedule ``count -> lr``. Works with
         ``optax.inject_hyperparams(optimal_learning_rate)(learning_rate=...)``.
-      inner: transformation applied to the updates before the ``-eta`` scaling (``None``:
-        identity). It receives the same ``params``.
+      momentum: momentum coefficient in ``[0, 1)``, dampening 0 (torch's default).
+      weight_decay: coupled L2 coefficient ``>= 0`` added to the gradient (torch's
+        ``weight_decay``); it does not enter eta.
+      nesterov: Nesterov momentum as torch computes it (needs ``momentum > 0``).
+      inner: removed; passing anything but ``None`` raises ``TypeError``.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`OptimalLearningRateState`;
-      ``update`` requires ``params`` (``ValueError`` otherwise).
+      An ``optax.GradientTransformation`` with state :class:`OptimalLearningRateState`.
+
+    Raises:
+      TypeError: at construction, for ``inner=...`` (removed), a ``learning_rate`` that is
+        neither a real number nor a schedule, a non-bool ``nesterov``; in ``init`` /
+        ``update``, naming the path, for a leaf whose dtype is not real floating.
+      ValueError: at construction, for a float ``learning_rate`` that is not finite and
+        > 0, ``momentum`` outside ``[0, 1)``, ``weight_decay < 0`` or not finite,
+        ``nesterov`` with ``momentum == 0``; in ``update``, for a missing ``params``, trees
+        of different structures, or (naming the path) shapes that differ.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> tx = optimal_learning_rate(0.1)
+      >>> import optax
+      >>> tx = optimal_learning_rate(0.1, momentum=0.9)
       >>> w = {"kernel": jnp.eye(2)}
       >>> state = tx.init(w)
-      >>> u, state = tx.update({"kernel": jnp.eye(2)}, state, w)
-      >>> round(float(state.eta["kernel"]), 4)  # eta* = 1/3 > lr, so the switch keeps lr
-      0.1
+      >>> g = {"kernel": jnp.array([[0.05, 1.0], [-1.0, 0.05]])}
+      >>> u, state = tx.update(g, state, w)
+      >>> round(float(state.eta["kernel"]), 4)  # eta* = 0.2 / 4.03 < lr: the optimal rate
+      0.0496
+      >>> [round(float(v), 4) for v in u["kernel"].ravel()]  # -eta * g (buf = g at first)
+      [-0.0025, -0.0496, 0.0496, -0.0025]
+      >>> w = optax.apply_updates(w, u)
     """
-    inner = optax.identity() if inner is None else inner
+    fn = "optimal_learning_rate"
+    if inner is not None:
+        raise TypeError(
+            f"{fn}: inner= was removed. optimal_learning_rate is now a complete SGD optimizer "
+            "that returns the descent step itself: replace optimal_learning_rate(lr, "
+            "inner=optax.chain(optax.add_decayed_weights(wd), optax.trace(m))) by "
+            "optimal_learning_rate(lr, momentum=m, weight_decay=wd), and never wrap "
+            "optax.sgd (it negates the update once more and OLR would ascend)"
+        )
+    _check_sgd_hyperparams(fn, learning_rate, momentum, weight_decay)
+    if not isinstance(nesterov, bool | np.bool_):
+        raise TypeError(f"{fn}: nesterov must be a bool, got nesterov={nesterov!r}")
+    if nesterov and not isinstance(momentum, jax.core.Tracer) and float(momentum) == 0.0:
+        raise ValueError(f"{fn}: nesterov=True needs momentum > 0, got momentum={momentum!r}")
 
     def init_fn(params: optax.Params) -> OptimalLearningRateState:
-        eta = jax.tree_util.tree_map(lambda w: jnp.zeros([], _eta_dtype(w)), params)
-        return OptimalLearningRateState(
-            count=jnp.zeros([], jnp.int32), eta=eta, inner_state=inner.init(params)
-        )
+        _check_float_leaves(fn, "parameter", params)
+        eta = jax.tree_util.tree_map(lambda w: jnp.zeros([], _work_dtype(w)), params)
+        trace = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, _work_dtype(w)), params)
+        return OptimalLearningRateState(count=jnp.zeros([], jnp.int32), eta=eta, trace=trace)
 
     def update_fn(
         updates: optax.Updates,
@@ -202,18 +463,39 @@ def optimal_learning_rate(
     ) -> tuple[optax.Updates, OptimalLearningRateState]:
         if params is None:
             raise ValueError(
-                "optimal_learning_rate: params is None; OLR needs the current weights "
+                f"{fn}: params is None; OLR needs the current weights "
                 "(call update(updates, state, params))"
             )
+        _check_float_leaves(fn, "update", updates)
+        _check_float_leaves(fn, "parameter", params)
+        _check_pair(fn, updates, params)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        eta = jax.tree_util.tree_map(
-            lambda g, w: _switch(optimal_eta(w, g).astype(_eta_dtype(w)), lr), updates, params
-        )
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params)
-        new_updates = jax.tree_util.tree_map(
-            lambda u, e: (-e * u).astype(u.dtype), inner_updates, eta
+        ok = _hyper_ok(lr, momentum, weight_decay)
+
+        def leaf(g: jax.Array, w: jax.Array, buf: jax.Array) -> tuple[jax.Array, ...]:
+            dtype = buf.dtype
+            g32, w32 = g.astype(dtype), w.astype(dtype)
+            eta = _switch(_eta_star(w32, g32), lr)
+            eta = jnp.where(ok, eta, jnp.nan).astype(dtype)
+            d = g32 + weight_decay * w32
+            buf = (momentum * buf + d).astype(dtype)
+            step = d + momentum * buf if nesterov else buf
+            return (-eta * step).astype(g.dtype), eta, buf
+
+        treedef = jax.tree_util.tree_structure(updates)
+        triples = [
+            leaf(g, w, b)
+            for g, w, b in zip(
+                treedef.flatten_up_to(updates),
+                treedef.flatten_up_to(params),
+                treedef.flatten_up_to(state.trace),
+                strict=True,
+            )
+        ]
+        new_updates, eta, trace = (
+            treedef.unflatten([t[i] for t in triples]) for i in range(3)
         )
         count = optax.safe_int32_increment(state.count)
-        return new_updates, OptimalLearningRateState(count, eta, inner_state)
+        return new_updates, OptimalLearningRateState(count, eta, trace)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -8,6 +8,9 @@ import pytest
 from svdcond_jax.nn import CovariancePooling, covariance_sqrt_features, upper_triangle
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: compiles much faster than threefry on CPU
+# A low-precision output is the float32 result rounded once: within eps(dtype) relative,
+# plus float32 round-off (two differently compiled programs) relative to the output scale.
+_ROUNDOFF = 1e-5
 
 
 def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
@@ -43,13 +46,13 @@ def test_rank_deficient_gcp_shape_forward_and_gradient_are_finite():
     """dim 256 from a 7x7 map: 49 samples per image, covariance rank <= 48 (GCP case)."""
     x = _normal(0, (2, 7, 7, 16))
     head = CovariancePooling(dim=256)
-    variables = jax.jit(lambda x: head.init(KEY, x, train=False))(x)
+    variables = jax.jit(lambda x: head.init(KEY, x, use_running_average=True))(x)
     assert variables["params"]["pre_svd_conv"]["kernel"].shape == (1, 1, 16, 256)
     assert set(variables["params"]) == {"pre_svd_conv", "bn"}
 
     @jax.jit
     def loss(params, x):
-        out, _ = head.apply({**variables, "params": params}, x, train=True,
+        out, _ = head.apply({**variables, "params": params}, x, use_running_average=False,
                             mutable=["batch_stats"])
         return jnp.sum(out[:, ::97]), out
 
@@ -65,9 +68,9 @@ def test_rank_deficient_gcp_shape_forward_and_gradient_are_finite():
 def test_pre_svd_features_are_what_the_meta_layer_decomposes():
     x = _normal(2, (2, 3, 3, 5))
     head = CovariancePooling(dim=4)
-    variables = jax.jit(lambda x: head.init(KEY, x, train=False))(x)
+    variables = jax.jit(lambda x: head.init(KEY, x, use_running_average=True))(x)
     out, state = jax.jit(lambda v, x: head.apply(
-        v, x, train=True, mutable=["batch_stats", "intermediates"]))(variables, x)
+        v, x, use_running_average=False, mutable=["batch_stats", "intermediates"]))(variables, x)
     (sown,) = state["intermediates"]["pre_svd_features"]
     # Train-mode BN with scale 1 / bias 0, then ReLU, of the 1x1 conv output.
     conv = x @ variables["params"]["pre_svd_conv"]["kernel"][0, 0]
@@ -81,17 +84,49 @@ def test_pre_svd_features_are_what_the_meta_layer_decomposes():
 def test_pre_svd_treatments_keep_the_kernel_name(pre_svd):
     x = _normal(3, (2, 4, 4, 6))
     head = CovariancePooling(dim=8, pre_svd=pre_svd, method="newton_schulz")
-    variables = jax.jit(lambda x: head.init(KEY, x, train=False))(x)
+    variables = jax.jit(lambda x: head.init(KEY, x, use_running_average=True))(x)
     assert "kernel" in variables["params"]["pre_svd_conv"]
-    out, _ = jax.jit(lambda v, x: head.apply(v, x, train=True, mutable=["batch_stats"]))(
-        variables, x)
+    out, _ = jax.jit(lambda v, x: head.apply(v, x, use_running_average=False,
+                                             mutable=["batch_stats"]))(variables, x)
     assert out.shape == (2, 36)
     assert np.all(np.isfinite(np.asarray(out)))
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="pre_svd"):
-        CovariancePooling(dim=4, pre_svd="ol").init(KEY, jnp.ones((1, 2, 2, 3)),
-                                                    train=False)
+        CovariancePooling(dim=4, pre_svd="ol")
     with pytest.raises(ValueError, match="x.shape"):
         covariance_sqrt_features(jnp.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        covariance_sqrt_features(jnp.ones((2, 1, 1, 4)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_in_is_low_precision_out(dtype):
+    x = _normal(4, (2, 4, 4, 6)).astype(dtype)
+    assert covariance_sqrt_features(x).dtype == dtype
+    head = CovariancePooling(dim=4, param_dtype=jnp.bfloat16)
+    variables = jax.jit(lambda x: head.init(KEY, x, use_running_average=True))(x)
+    assert variables["params"]["pre_svd_conv"]["kernel"].dtype == jnp.bfloat16
+    assert variables["params"]["bn"]["scale"].dtype == jnp.bfloat16
+    out, _ = jax.jit(lambda v, x: head.apply(v, x, use_running_average=False,
+                                             mutable=["batch_stats"]))(variables, x)
+    assert out.dtype == dtype
+    # Computed in float32: the float32 result on the same input, rounded once to dtype.
+    ref, _ = head.apply(variables, x.astype(jnp.float32), use_running_average=False,
+                        mutable=["batch_stats"])
+    assert ref.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref,
+                               rtol=float(jnp.finfo(dtype).eps),
+                               atol=_ROUNDOFF * float(np.abs(ref).max()))
+
+
+def test_use_running_average_attribute_or_call_argument():
+    x = _normal(5, (2, 3, 3, 4))
+    head = CovariancePooling(dim=3, use_running_average=True)
+    variables = jax.jit(lambda x: head.init(KEY, x))(x)
+    y_eval = head.apply(variables, x)
+    y_call = CovariancePooling(dim=3).apply(variables, x, use_running_average=True)
+    np.testing.assert_allclose(y_eval, y_call, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="use_running_average"):
+        CovariancePooling(dim=3).apply(variables, x)

@@ -1,5 +1,6 @@
 """Tests for the ResNet family: parameter counts, every configuration, Pre-SVD paths."""
 
+import inspect
 import re
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from svdcond_jax.models import (
     CifarResNet18,
     CifarResNet50,
+    ResNet,
     ResNet18,
     ResNet34,
     ResNet50,
@@ -20,6 +22,9 @@ from svdcond_jax.models import (
 )
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: compiles much faster than threefry on CPU
+# A low-precision output is the float32 result rounded once: within eps(dtype) relative,
+# plus float32 round-off (two differently compiled programs) relative to the output scale.
+_ROUNDOFF = 1e-5
 
 
 def _param_paths(params) -> dict[str, jax.Array]:
@@ -66,20 +71,64 @@ def test_cifar_resnet50_dbn_stem_is_3x3_stride_1_without_max_pool():
     assert CifarResNet18(num_classes=10).stem == "cifar"
 
 
-@pytest.mark.parametrize("model,match", [
-    (TinyResNet(num_classes=3, stem_norm="dbn", head="gcp"), "two SVD"),
-    (TinyResNet(num_classes=3, pre_svd="sn"), "needs an SVD"),
-    (TinyResNet(num_classes=3, head="gcp", pre_svd="ol"), "pre_svd"),
-    (TinyResNet(num_classes=3, stem="mnist"), "stem"),
-    (TinyResNet(num_classes=3, stem_norm="gn"), "stem_norm"),
-    (TinyResNet(num_classes=3, head="gmp"), "head"),
-    (ResNet18(num_classes=3, stem_norm="dbn", pre_svd="ow"), "stride"),
+@pytest.mark.parametrize("factory,kwargs,match", [
+    (TinyResNet, {"stem_norm": "dbn", "head": "gcp"}, "two SVD"),
+    (TinyResNet, {"pre_svd": "sn"}, "needs an SVD"),
+    (TinyResNet, {"head": "gcp", "pre_svd": "ol"}, "pre_svd"),
+    (TinyResNet, {"stem": "mnist"}, "stem"),
+    (TinyResNet, {"stem_norm": "gn"}, "stem_norm"),
+    (TinyResNet, {"head": "gmp"}, "head"),
+    (ResNet18, {"stem_norm": "dbn", "pre_svd": "ow"}, "stride"),
 ])
-def test_invalid_configurations_raise(model, match):
+def test_invalid_configurations_raise_at_construction(factory, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        _abstract_variables(model, 16)
-    with pytest.raises(ValueError, match=match):
-        pre_svd_pattern(model)
+        factory(num_classes=3, **kwargs)
+
+
+@pytest.mark.parametrize("factory", [ResNet18, ResNet34, ResNet50, CifarResNet18,
+                                     CifarResNet50, TinyResNet])
+def test_factories_are_documented_functions(factory):
+    assert inspect.isfunction(factory)  # not a functools.partial: help() shows its own doc
+    doc = inspect.getdoc(factory)
+    for section in ("Args:", "Returns:", "Raises:", "Example:"):
+        assert section in doc
+    assert isinstance(factory(num_classes=3), ResNet)
+    with pytest.raises(TypeError, match="stage_sizes"):
+        factory(num_classes=3, stage_sizes=(1,))
+
+
+def test_tiny_resnet_num_filters_default_can_be_overridden():
+    assert TinyResNet(num_classes=3).num_filters == 8
+    assert TinyResNet(num_classes=3, num_filters=4).num_filters == 4
+
+
+@pytest.mark.parametrize("image_dtype,model_dtype,logits_dtype", [
+    (jnp.bfloat16, None, jnp.bfloat16),
+    (jnp.float16, None, jnp.float16),
+    (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float32, None, jnp.float32),
+])
+def test_logits_dtype(image_dtype, model_dtype, logits_dtype):
+    model = TinyResNet(num_classes=3, stem_norm="dbn", pre_svd="ow", dtype=model_dtype)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 6, 3)), image_dtype)
+    variables = jax.eval_shape(lambda: model.init(KEY, x, train=False))
+    assert variables["params"]["stem_conv"]["kernel"].dtype == jnp.float32
+    assert variables["batch_stats"]["stem_norm"]["whitening"].dtype == jnp.float32
+    logits, _ = jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables)
+    assert logits.dtype == logits_dtype
+
+
+def test_bfloat16_images_give_the_float32_logits_rounded():
+    """dtype=None computes in float32 for bfloat16 images and rounds the logits once."""
+    model = TinyResNet(num_classes=3, head="gcp", pre_svd="sn", gcp_dim=4)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 6, 3)), jnp.bfloat16)
+    run = jax.jit(lambda x: model.apply(model.init(KEY, x, train=False), x, train=False))
+    low, ref = run(x), run(x.astype(jnp.float32))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), ref,
+                               rtol=float(jnp.finfo(jnp.bfloat16).eps),
+                               atol=_ROUNDOFF * float(np.abs(ref).max()))
 
 
 def test_plain_resnet_has_no_pre_svd_layer():
@@ -156,3 +205,46 @@ def test_tiny_configuration_trains_evaluates_and_differentiates(stem_norm, head,
     sown = pre_svd_features(state["intermediates"])
     assert sown.shape == ((4, 8, 8, 8) if stem_norm == "dbn" else (4, 4, 4, 16))
     assert pre_svd_eps(model) == (1e-2 if stem_norm == "dbn" else 0.0)
+
+
+@pytest.mark.parametrize("stem_norm,head,pre_svd", [("dbn", "gap", "sn"), ("dbn", "gap", "ow"),
+                                                    ("bn", "gcp", "sn"), ("bn", "gcp", "ow")])
+def test_zero_pre_svd_kernel_trains_finitely(stem_norm, head, pre_svd):
+    """svd+sn / svd+ow from a zero Pre-SVD kernel: every SGD step stays finite.
+
+    (With "sn" the zero conv output is normalised to exactly 0 and the ReLU after it has
+    gradient 0 there, so in the whole network the kernel stays 0; the layer itself passes an
+    identity gradient, see test_orthogonal_layers.py. With "ow" exp(0) = I keeps it alive.)
+    """
+    model = TinyResNet(num_classes=3, stem_norm=stem_norm, head=head, pre_svd=pre_svd,
+                       gcp_dim=4)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 6, 6, 3)), jnp.float32)
+    labels = jnp.arange(4) % 3
+    variables = jax.jit(lambda x: model.init(KEY, x, train=False))(x)
+    path = "stem_conv" if stem_norm == "dbn" else "head/pre_svd_conv"
+
+    def zero(path_keys, leaf):
+        return jnp.zeros_like(leaf) if "/".join(k.key for k in path_keys) == f"{path}/kernel" \
+            else leaf
+
+    params = jax.tree_util.tree_map_with_path(zero, variables["params"])
+
+    @jax.jit
+    def step(params, batch_stats):
+        def loss_fn(params):
+            logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                        train=True, mutable=["batch_stats"])
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), state
+
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+        return params, state["batch_stats"], loss, grads
+
+    batch_stats = variables["batch_stats"]
+    for _ in range(3):
+        params, batch_stats, loss, grads = step(params, batch_stats)
+        for leaf in [loss, *jax.tree.leaves(grads), *jax.tree.leaves(params),
+                     *jax.tree.leaves(batch_stats)]:
+            assert np.all(np.isfinite(np.asarray(leaf)))
+    if pre_svd == "ow":
+        assert float(jnp.abs(_param_paths(params)[f"{path}/kernel"]).max()) > 0

@@ -1,17 +1,26 @@
-"""Training library units: methods, schedule, monitor, writers, jit/pmap steps, NaN skip."""
+"""Training library units: methods, schedule, monitor, writers, jit/pmap steps, NaN skip,
+the optimizer's injected learning rate, periodic actions, eval metrics, the workdir lock."""
 
 import functools
+import json
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from clu import periodic_actions
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from svdcond_jax.optimizers import pre_svd_sgd
-from svdcond_jax.training import methods, monitor, steps, writers
+from svdcond_jax.optimizers import find_olr_eta, pre_svd_sgd
+from svdcond_jax.training import loop, methods, monitor, steps, writers
+from svdcond_jax.training import state as state_lib
 from svdcond_jax.training.config import get_config
 from svdcond_jax.training.state import TrainState, create_learning_rate_fn, create_setup
+from svdcond_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock
 
 PATTERN = r"^stem_conv/kernel$"
 
@@ -80,7 +89,8 @@ def test_monitor_marks_rank_deficient_covariance_singular(rank, dim):
     x = _low_rank_features(np.random.default_rng(rank), rank, dim).astype(np.float32)
     rec = monitor.conditioning_stats(x, eps=1e-2)
     assert rec["singular"] and rec["rank"] == rank and rec["dim"] == dim
-    assert rec["kappa_raw"] == monitor.KAPPA_CAP
+    # lambda_min is round-off (either sign): kappa is capped or at least the rank tolerance's
+    assert 1.0 / (dim * monitor.EPS64) <= rec["kappa_raw"] <= monitor.KAPPA_CAP
     # with eps*I the matrix is invertible: kappa = (lambda_max + eps) / (~0 + eps)
     assert rec["kappa_eps"] == pytest.approx((rec["lambda_max"] + 1e-2) / 1e-2, rel=1e-6)
     assert "sing(r" in monitor.format_kappa(rec)
@@ -107,6 +117,19 @@ def test_monitor_per_image_gcp():
     assert not full["singular"] and full["kappa_eps_max"] >= full["kappa_eps"]
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_monitor_records_non_finite_features_instead_of_raising(per_image, bad):
+    x = np.random.default_rng(0).normal(size=(4, 3, 3, 5))
+    good = monitor.conditioning_stats(x, eps=1e-2, per_image=per_image)
+    x[1, 2, 0, 3] = bad
+    rec = monitor.conditioning_stats(x, eps=1e-2, per_image=per_image)
+    assert set(rec) == set(good) and good["finite"] is True
+    assert rec["finite"] is False and rec["dim"] == 5
+    assert all(rec[k] is None for k in rec if k not in ("finite", "dim"))
+    assert monitor.format_kappa(rec) == "non-finite"
+
+
 # ----------------------------------------------------------------------------- writers
 
 
@@ -120,8 +143,9 @@ def test_writer_records_are_plain_json(tmp_path):
         w.write(4, "other", {})
     w.close()
     recs = writers.read_metrics(str(tmp_path))
-    assert recs[0] == {"step": 1, "kind": "train", "loss": 0.5, "n": 3, "flag": True,
-                       "bad": None, "none": None}
+    assert recs[0] == {"step": 1, "kind": "train", "seq": 0, "loss": 0.5, "n": 3,
+                       "flag": True, "bad": None, "none": None}
+    assert [r["seq"] for r in recs] == [0, 1, 2] and w.count == 3
     writers.truncate_metrics(str(tmp_path), 2)
     assert [r["kind"] for r in writers.read_metrics(str(tmp_path))] == ["train", "eval"]
 
@@ -135,6 +159,141 @@ def test_a_line_cut_by_a_crash_does_not_break_reading_or_resume(tmp_path):
     assert [r["step"] for r in writers.read_metrics(str(tmp_path))] == [1]
     writers.truncate_metrics(str(tmp_path), 1)  # what resume does
     assert [r["step"] for r in writers.read_metrics(str(tmp_path))] == [1]
+
+
+def _records(seqs):
+    return [{"step": i + 1, "kind": "train", "seq": q} for i, q in enumerate(seqs)]
+
+
+def test_history_problem_finds_missing_duplicated_and_foreign_records():
+    assert writers.history_problem(_records(range(5)), 5) is None
+    assert writers.history_problem([], 0) is None
+    legacy = [{"step": 1, "kind": "train"}, {"step": 2, "kind": "train"}]  # no seq: position
+    assert writers.history_problem(legacy + [{"step": 3, "kind": "eval", "seq": 2}], 3) is None
+    gap = writers.history_problem(_records([0, 1, 5, 6]), 7)
+    assert gap == "metrics.jsonl holds 4 of the 7 records this run wrote: 3 missing (seq 2-4)"
+    head = writers.history_problem(_records([3, 4]), 5)
+    assert "3 missing (seq 0-2)" in head
+    dup = writers.history_problem(_records([0, 1, 1, 2]), 3)
+    assert "1 duplicated" in dup and "missing" not in dup
+    foreign = writers.history_problem(_records([0, 1, 2, 3]), 2)
+    assert "2 not written by this run (seq 2-3)" in foreign
+    assert writers.history_problem(_records([1, 0]), 2).endswith("out of order")
+
+
+def test_truncate_keeps_the_records_before_the_checkpoint_atomically(tmp_path):
+    w = writers.MetricsWriter(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3, 4):
+        w.write(step, "train", {"loss": 1.0})
+        w.write(step, "conditioning", {"kappa_eps": 2.0})
+    w.write(4, "summary", {"x": 1})
+    w.close()
+    kept = writers.truncate_metrics(str(tmp_path), 2, keep_records=3)  # seq 0-2
+    assert [(r["step"], r["kind"]) for r in kept] == [(1, "train"), (1, "conditioning"),
+                                                       (2, "train")]
+    assert writers.read_metrics(str(tmp_path)) == kept
+    assert os.listdir(tmp_path) == [writers.METRICS_FILE]  # no temporary file left
+    resumed = writers.MetricsWriter(str(tmp_path), tensorboard=False, first_seq=3)
+    resumed.write(2, "conditioning", {"kappa_eps": 2.0})
+    assert writers.history_problem(writers.read_metrics(str(tmp_path)), resumed.count) is None
+    assert writers.truncate_metrics(str(tmp_path), -1, keep_records=0) == []
+
+
+def test_workdir_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
+    with WorkdirLock(str(tmp_path)) as lock:
+        info = json.loads(open(lock.path).read())
+        assert info["pid"] == os.getpid()
+        with pytest.raises(WorkdirBusyError, match=f"held by pid {os.getpid()} on "):
+            WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(ValueError, match="boom"), WorkdirLock(str(tmp_path)):
+        raise ValueError("boom")
+    second = WorkdirLock(str(tmp_path))
+    second.acquire()  # released by both exits above
+    second.release()
+
+
+# ----------------------------------------------------------------------------- periodic
+
+
+def _old_triggers(done, total, spe, config):
+    """The loop's hand-counted schedule before clu.periodic_actions (the reference)."""
+    epoch, last = (done - 1) // spe, done == total
+    epoch_end = done % spe == 0 or last
+    return {"log": done % config.log_every_steps == 0 or last,
+            "monitor": done % config.monitor_every_steps == 0 or last,
+            "eval": epoch_end and ((epoch + 1) % config.eval_every_epochs == 0 or last),
+            "checkpoint": epoch_end and ((epoch + 1) % config.checkpoint_every_epochs == 0
+                                         or last)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(total=st.integers(1, 40), spe=st.integers(1, 9), log=st.integers(1, 7),
+       mon=st.integers(1, 7), ev=st.integers(1, 4), ck=st.integers(1, 4),
+       start_frac=st.floats(0, 1))
+def test_periodic_actions_trigger_exactly_where_the_hand_counted_loop_did(
+        total, spe, log, mon, ev, ck, start_frac):
+    config = get_config()
+    config.update(dict(log_every_steps=log, monitor_every_steps=mon, eval_every_epochs=ev,
+                       checkpoint_every_epochs=ck))
+    start = int(start_frac * (total - 1))  # a resumed run starts mid-way
+    every = loop.periodic_every_steps(config, spe)
+    fired = {name: [] for name in every}
+    actions = {name: periodic_actions.PeriodicCallback(
+        every_steps=e, on_steps=[total], callback_fn=lambda step, t, name=name:
+        fired[name].append(step)) for name, e in every.items()}
+    for done in range(start + 1, total + 1):
+        for action in actions.values():
+            action(done)
+    for name in every:
+        want = [d for d in range(start + 1, total + 1)
+                if _old_triggers(d, total, spe, config)[name]]
+        assert fired[name] == want, name
+
+
+# ----------------------------------------------------------------------------- eval metrics
+
+
+def test_clu_eval_metrics_equal_the_float64_sums():
+    rng = np.random.default_rng(0)
+    batches = [{"loss_sum": np.float32(rng.uniform(0, 40)), "correct": np.float32(k),
+                "count": np.float32(n)} for k, n in ((3, 16), (9, 16), (2, 5))]
+    total = functools.reduce(lambda a, b: a.merge(b), map(loop._eval_metrics, batches))
+    out = total.compute()
+    count = sum(float(b["count"]) for b in batches)
+    want = sum(float(b["loss_sum"]) for b in batches) / count  # the loop's old arithmetic
+    assert float(out["loss"]) == pytest.approx(want, rel=1e-12)
+    assert float(out["accuracy"]) == pytest.approx(14 / count, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_injected_learning_rate_is_the_applied_one_and_olr_eta_is_found():
+    config = get_config()
+    config.update(dict(method="svd+nog+olr", learning_rate=0.1, lr_boundaries_epochs=[1],
+                       lr_decay=0.5))
+    setup = create_setup(config, num_classes=3, steps_per_epoch=2)
+    params = {"stem_conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "fc": {"bias": jnp.ones(3)}}
+    opt_state = setup.tx.init(params)
+    assert isinstance(opt_state, optax.InjectStatefulHyperparamsState)
+    seen = []
+    for _ in range(4):
+        _, opt_state = setup.tx.update(params, opt_state, params)
+        seen.append(float(state_lib.learning_rate(opt_state)))
+        assert float(find_olr_eta(opt_state)) > 0  # found inside the wrapped state
+    np.testing.assert_allclose(seen, [0.1, 0.1, 0.05, 0.05], rtol=1e-6)
+    assert set(opt_state.hyperparams) == {"learning_rate"}  # momentum/wd stay static
+    # the wrapped optimizer makes the same updates as pre_svd_sgd with the schedule
+    plain = pre_svd_sgd(setup.learning_rate_fn, setup.pre_svd_pattern, nog=True, olr=True,
+                        momentum=config.momentum, weight_decay=config.weight_decay)
+    a, b = setup.tx.init(params), plain.init(params)
+    p = q = params
+    for _ in range(3):
+        ua, a = setup.tx.update(p, a, p)
+        ub, b = plain.update(q, b, q)
+        p, q = optax.apply_updates(p, ua), optax.apply_updates(q, ub)
+    for x, y in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -168,8 +327,7 @@ def _batches(n, size=8, seed=0):
 
 
 def _make(mode):
-    return steps.make_parallel(mode, learning_rate_fn=lambda s: 0.1, ol_coeff=0.0,
-                               ol_pattern=None, capture_stem=True)
+    return steps.make_parallel(mode, ol_coeff=0.0, ol_pattern=None, capture_stem=True)
 
 
 def _run(mode, batches, axis_name):

@@ -2,7 +2,7 @@
 
 In the style of flax ``examples/imagenet/models.py``: one :class:`ResNet` module with
 ``stage_sizes`` and ``block_cls``, the convolution and normalisation injected into the
-blocks, and the variants as ``functools.partial``.
+blocks, and the variants as documented factory functions (:func:`ResNet18`, ...).
 
 Module names (stable; parameter paths are '/'-joined):
 
@@ -41,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from svdcond_jax.nn.pointwise_conv import conv_general_dilated
+from svdcond_jax.nn import _checks
 from svdcond_jax.nn.pooling import CovariancePooling, check_pre_svd, pre_svd_conv
 from svdcond_jax.nn.whitening import DecorrelatedBatchNorm
 
@@ -53,7 +55,24 @@ HEADS = ("gap", "gcp")
 
 
 class ResNetBlock(nn.Module):
-    """Basic residual block (two 3x3 convs), as torchvision's BasicBlock."""
+    """Basic residual block (two 3x3 convs), as torchvision's BasicBlock.
+
+    Attributes:
+      filters: output channels.
+      conv: convolution constructor (``partial(nn.Conv, use_bias=False, dtype=...)``).
+      norm: normalisation constructor (``partial(nn.BatchNorm, use_running_average=...)``).
+      act: activation.
+      strides: stride of the first convolution and of the projection shortcut.
+
+    Example:
+      >>> import functools, flax.linen as nn, jax, jax.numpy as jnp
+      >>> block = ResNetBlock(4, conv=functools.partial(nn.Conv, use_bias=False),
+      ...     norm=functools.partial(nn.BatchNorm, use_running_average=True), act=nn.relu,
+      ...     strides=(2, 2))
+      >>> x = jnp.ones((1, 8, 8, 3))
+      >>> block.apply(block.init(jax.random.key(0), x), x).shape
+      (1, 4, 4, 4)
+    """
 
     filters: int
     conv: ModuleDef
@@ -76,7 +95,24 @@ class ResNetBlock(nn.Module):
 
 
 class BottleneckResNetBlock(nn.Module):
-    """Bottleneck block (1x1, 3x3 with the stride, 1x1 x4), as torchvision's v1.5."""
+    """Bottleneck block (1x1, 3x3 with the stride, 1x1 x4), as torchvision's v1.5.
+
+    Attributes:
+      filters: output channels of the 1x1/3x3 convs (the block outputs 4x).
+      conv: convolution constructor (``partial(nn.Conv, use_bias=False, dtype=...)``).
+      norm: normalisation constructor (``partial(nn.BatchNorm, use_running_average=...)``).
+      act: activation.
+      strides: stride of the 3x3 convolution and of the projection shortcut.
+
+    Example:
+      >>> import functools, flax.linen as nn, jax, jax.numpy as jnp
+      >>> block = BottleneckResNetBlock(4, conv=functools.partial(nn.Conv, use_bias=False),
+      ...     norm=functools.partial(nn.BatchNorm, use_running_average=True), act=nn.relu,
+      ...     strides=(2, 2))
+      >>> x = jnp.ones((1, 8, 8, 3))
+      >>> block.apply(block.init(jax.random.key(0), x), x).shape
+      (1, 4, 4, 16)
+    """
 
     filters: int
     conv: ModuleDef
@@ -99,14 +135,59 @@ class BottleneckResNetBlock(nn.Module):
         return self.act(residual + y)
 
 
+def _check_model(model: Any, where: str) -> None:
+    if not isinstance(model, ResNet):
+        raise TypeError(f"{where}: model must be a svdcond_jax.models.ResNet; "
+                        f"got {type(model).__name__}")
+
+
 def check_config(model: ResNet) -> None:
-    """Raise ValueError for an invalid combination of ResNet options (at trace time)."""
+    """Raise ValueError/TypeError for an invalid ResNet option or combination of options.
+
+    Called when a ResNet is constructed (and by :func:`pre_svd_pattern`); the message names
+    the attribute and its value.
+
+    Args:
+      model: the ResNet.
+
+    Raises:
+      TypeError: for an attribute of the wrong type (e.g. a float ``num_classes``, a
+        ``block_cls`` that is not a Flax module class, an integer ``dtype``).
+      ValueError: for a bad value or combination (see the ResNet docstring).
+
+    Example:
+      >>> check_config(TinyResNet(num_classes=10, head="gcp"))
+    """
+    where = type(model).__name__
+    _checks.check_int(where, "num_classes", model.num_classes, 1)
+    if isinstance(model.stage_sizes, (str, bytes)) or not isinstance(model.stage_sizes,
+                                                                      Sequence):
+        raise TypeError(f"{where}: stage_sizes must be a sequence of ints; "
+                        f"got stage_sizes={model.stage_sizes!r}")
+    if len(model.stage_sizes) == 0:
+        raise ValueError(f"{where}: stage_sizes must name at least one stage; "
+                         f"got stage_sizes={model.stage_sizes!r}")
+    for size in model.stage_sizes:
+        _checks.check_int(where, "stage_sizes entry", size, 1)
+    if not (isinstance(model.block_cls, type) and issubclass(model.block_cls, nn.Module)):
+        raise TypeError(f"{where}: block_cls must be a Flax module class such as ResNetBlock; "
+                        f"got block_cls={model.block_cls!r}")
+    _checks.check_int(where, "num_filters", model.num_filters, 1)
     for field, value, valid in (("stem", model.stem, STEMS),
                                 ("stem_norm", model.stem_norm, STEM_NORMS),
                                 ("head", model.head, HEADS)):
-        if value not in valid:
-            raise ValueError(f"{field}={value!r}; valid: {valid}")
-    check_pre_svd(model.pre_svd)
+        _checks.check_choice(where, field, value, valid)
+    check_pre_svd(model.pre_svd, where)
+    _checks.check_method(where, model.meta_method, model.meta_kwargs)
+    _checks.check_real(where, "dbn_eps", model.dbn_eps, low=0.0)
+    groups = _checks.check_int(where, "dbn_groups", model.dbn_groups, 1)
+    if model.stem_norm == "dbn" and model.num_filters % groups:
+        raise ValueError(f"{where}: dbn_groups={groups} must divide "
+                         f"num_filters={model.num_filters}")
+    _checks.check_int(where, "gcp_dim", model.gcp_dim, 1)
+    _checks.check_dtype(where, "dtype", model.dtype)
+    if not callable(model.act):
+        raise TypeError(f"{where}: act must be callable; got act={model.act!r}")
     if model.stem_norm == "dbn" and model.head == "gcp":
         raise ValueError("stem_norm='dbn' with head='gcp' has two SVD meta-layers and no "
                          "unique Pre-SVD layer; use one of them")
@@ -125,23 +206,40 @@ class ResNet(nn.Module):
     networks (11,689,512 params for ResNet-18, 25,557,032 for ResNet-50). See the module
     docstring for the names and the Pre-SVD layer of each configuration.
 
+    Call convention (the flax examples' for whole models): ``model.apply(variables, x,
+    train=True, mutable=["batch_stats"])`` for a training step (batch statistics, running
+    averages and power-iteration vectors updated), ``train=False`` for evaluation. Inside,
+    the norms get ``use_running_average=not train`` and the Pre-SVD layer
+    ``update_stats=train``.
+
+    dtypes: convolutions and norms compute in ``dtype`` (None: float32, or float64 for
+    float64 images); the meta-layer statistics, power iterations and the SOC series always
+    in at least float32. The logits are in ``dtype`` (None: the images' dtype), so
+    bfloat16 images give bfloat16 logits.
+
     Attributes:
-      num_classes: classifier outputs.
-      stage_sizes: blocks per stage.
+      num_classes: classifier outputs (>= 1).
+      stage_sizes: blocks per stage (non-empty, each >= 1).
       block_cls: ``ResNetBlock`` or ``BottleneckResNetBlock``.
-      num_filters: channels of the stem and the first stage.
+      num_filters: channels of the stem and the first stage (>= 1).
       stem: "imagenet" (7x7/2 conv + max pool) or "cifar" (3x3/1 conv, Fig. 6).
       stem_norm: "bn" or "dbn" (decorrelated BN, Eq. 43).
       head: "gap" (global average pool) or "gcp" (covariance pooling, Eq. 44).
       pre_svd: weight treatment of the Pre-SVD conv: "none" | "sn" | "ow".
       meta_method: meta-layer method of the DBN / GCP (``meta_layer.METHODS``).
       meta_kwargs: options of the meta-layer method.
-      dbn_eps: eps*I added to the DBN covariance.
-      dbn_groups: channel groups of the DBN.
-      gcp_dim: channels of the GCP reduction conv.
+      dbn_eps: eps*I >= 0 added to the DBN covariance.
+      dbn_groups: channel groups of the DBN (must divide ``num_filters``).
+      gcp_dim: channels of the GCP reduction conv (>= 1).
       axis_name: BatchNorm/DBN axis name under pmap/shard_map (None under jit).
-      dtype: computation dtype of convs and norms (statistics stay float32).
+      dtype: computation dtype of convs and norms and dtype of the logits (None: see
+        above).
       act: activation.
+
+    Raises:
+      TypeError / ValueError: at construction for a bad attribute or combination
+        (:func:`check_config`); at call time for images that are not a real floating
+        (B, H, W, C) array, or a GCP head that sees fewer than 2 positions per image.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -167,69 +265,272 @@ class ResNet(nn.Module):
     dbn_groups: int = 1
     gcp_dim: int = 256
     axis_name: str | None = None
-    dtype: Any = jnp.float32
+    dtype: Any = None
     act: Callable[[Array], Array] = nn.relu
 
-    def _norm(self, train: bool) -> ModuleDef:
-        return partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
+    def __post_init__(self) -> None:
+        check_config(self)
+        super().__post_init__()
 
-    def _stem(self, x: Array, train: bool) -> Array:
+    def _norm(self, train: bool, dtype: Any) -> ModuleDef:
+        return partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                       epsilon=1e-5, dtype=dtype, axis_name=self.axis_name)
+
+    def _stem(self, x: Array, train: bool, dtype: Any) -> Array:
         """Stem conv (the Pre-SVD layer under DBN) + stem norm + act (+ max pool)."""
         imagenet = self.stem == "imagenet"
         kernel, strides = ((7, 7), 2) if imagenet else ((3, 3), 1)
         padding = [(3, 3), (3, 3)] if imagenet else [(1, 1), (1, 1)]
         treatment = self.pre_svd if self.stem_norm == "dbn" else "none"
         x = pre_svd_conv(x, pre_svd=treatment, features=self.num_filters, kernel_size=kernel,
-                         strides=strides, padding=padding, train=train, name="stem_conv",
-                         dtype=self.dtype)
+                         strides=strides, padding=padding, update_stats=train,
+                         name="stem_conv", dtype=dtype)
         if self.stem_norm == "dbn":
             self.sow("intermediates", "pre_svd_features", x)
             x = DecorrelatedBatchNorm(
                 use_running_average=not train, epsilon=self.dbn_eps, groups=self.dbn_groups,
                 method=self.meta_method, method_kwargs=self.meta_kwargs,
-                axis_name=self.axis_name, dtype=self.dtype, name="stem_norm")(x)
+                axis_name=self.axis_name, dtype=dtype, name="stem_norm")(x)
         else:
-            x = self._norm(train)(name="stem_norm")(x)
+            x = self._norm(train, dtype)(name="stem_norm")(x)
         x = self.act(x)
         if imagenet:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         return x
 
-    def _head(self, x: Array, train: bool) -> Array:
+    def _head(self, x: Array, train: bool, dtype: Any) -> Array:
         if self.head == "gap":
             return jnp.mean(x, axis=(1, 2))
         return CovariancePooling(dim=self.gcp_dim, method=self.meta_method,
                                  method_kwargs=self.meta_kwargs, pre_svd=self.pre_svd,
-                                 axis_name=self.axis_name, dtype=self.dtype, name="head")(
-            x, train=train)
+                                 axis_name=self.axis_name, dtype=dtype, name="head")(
+            x, use_running_average=not train)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
-        """Logits (B, num_classes) of NHWC images ``x``."""
-        check_config(self)
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC images (B, H, W, C); got {x.shape=}")
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        x = self._stem(x, train)
+        """Logits of a batch of images.
+
+        Args:
+          x: NHWC images (B, H, W, C), real floating (normalise integer images first).
+          train: training call (batch statistics, running averages and power-iteration
+            vectors updated; pass ``mutable=["batch_stats"]``) or evaluation call.
+
+        Returns:
+          (B, num_classes) logits in ``dtype`` (None: ``x.dtype``).
+        """
+        x = _checks.check_input(type(self).__name__, x, ndim=4, layout="(B, H, W, C)")
+        out_dtype = self.dtype or x.dtype
+        dtype = self.dtype or _checks.compute_dtype(x.dtype)
+        # 1x1 convs as matrix products: XLA:CPU's 1x1 weight gradient is 5x slower as a
+        # convolution (svdcond_jax/nn/pointwise_conv.py); same parameters and outputs.
+        conv = partial(nn.Conv, use_bias=False, dtype=dtype,
+                       conv_general_dilated=conv_general_dilated)
+        x = self._stem(x, train, dtype)
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
                 strides = (2, 2) if i > 0 and j == 0 else (1, 1)
                 x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv,
-                                   norm=self._norm(train), act=self.act,
+                                   norm=self._norm(train, dtype), act=self.act,
                                    name=f"stage{i + 1}_block{j}")(x)
-        x = self._head(x, train)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return jnp.asarray(x, self.dtype)
+        x = self._head(x, train, dtype)
+        x = nn.Dense(self.num_classes, dtype=dtype, name="fc")(x)
+        return jnp.asarray(x, out_dtype)
 
 
-ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
-ResNet34 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock)
-ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
-CifarResNet18 = partial(ResNet18, stem="cifar")
-CifarResNet50 = partial(ResNet50, stem="cifar")
-TinyResNet = partial(ResNet, stage_sizes=(1, 1), block_cls=ResNetBlock, num_filters=8,
-                     stem="cifar")
+def _build(name: str, num_classes: int, kwargs: dict[str, Any], **fixed: Any) -> ResNet:
+    """ResNet(num_classes, **fixed, **kwargs), rejecting keywords that the factory fixes."""
+    clash = sorted(set(kwargs) & set(fixed))
+    if clash:
+        raise TypeError(f"{name}: {clash} fixed by this factory; use ResNet(...) to set them")
+    return ResNet(num_classes=num_classes, **fixed, **kwargs)
+
+
+def ResNet18(num_classes: int, **kwargs: Any) -> ResNet:
+    """ResNet-18: basic blocks, stages (2, 2, 2, 2).
+
+    With the defaults torchvision's ImageNet ResNet-18 (11,689,512 params at 1000
+    classes); ``head="gcp"`` is the GCP network of Table 5.
+
+    Args:
+      num_classes: classifier outputs (>= 1).
+      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
+        "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
+        ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
+        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+
+    Returns:
+      The ResNet ``ResNet(num_classes, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
+      **kwargs)``. Call it as
+      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
+      images.
+
+    Raises:
+      TypeError: for a keyword that this factory fixes or ResNet does not have.
+      ValueError: for a bad attribute value (see :class:`ResNet`).
+
+    Example:
+      >>> model = ResNet18(num_classes=10)
+      >>> model.stage_sizes, model.block_cls.__name__
+      ((2, 2, 2, 2), 'ResNetBlock')
+    """
+    return _build("ResNet18", num_classes, kwargs, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
+
+
+def ResNet34(num_classes: int, **kwargs: Any) -> ResNet:
+    """ResNet-34: basic blocks, stages (3, 4, 6, 3).
+
+    With the defaults torchvision's ImageNet ResNet-34 (21,797,672 params at 1000
+    classes).
+
+    Args:
+      num_classes: classifier outputs (>= 1).
+      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
+        "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
+        ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
+        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+
+    Returns:
+      The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock,
+      **kwargs)``. Call it as
+      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
+      images.
+
+    Raises:
+      TypeError: for a keyword that this factory fixes or ResNet does not have.
+      ValueError: for a bad attribute value (see :class:`ResNet`).
+
+    Example:
+      >>> model = ResNet34(num_classes=10)
+      >>> model.stage_sizes, model.block_cls.__name__
+      ((3, 4, 6, 3), 'ResNetBlock')
+    """
+    return _build("ResNet34", num_classes, kwargs, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock)
+
+
+def ResNet50(num_classes: int, **kwargs: Any) -> ResNet:
+    """ResNet-50: bottleneck blocks, stages (3, 4, 6, 3).
+
+    With the defaults torchvision's ImageNet ResNet-50 v1.5 (25,557,032 params at 1000
+    classes).
+
+    Args:
+      num_classes: classifier outputs (>= 1).
+      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
+        "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
+        ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
+        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+
+    Returns:
+      The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
+      **kwargs)``. Call it as
+      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
+      images.
+
+    Raises:
+      TypeError: for a keyword that this factory fixes or ResNet does not have.
+      ValueError: for a bad attribute value (see :class:`ResNet`).
+
+    Example:
+      >>> model = ResNet50(num_classes=10)
+      >>> model.stage_sizes, model.block_cls.__name__
+      ((3, 4, 6, 3), 'BottleneckResNetBlock')
+    """
+    return _build("ResNet50", num_classes, kwargs,
+                  stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
+
+
+def CifarResNet18(num_classes: int, **kwargs: Any) -> ResNet:
+    """ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max pool; Fig. 6).
+
+    Basic blocks, stages (2, 2, 2, 2).
+
+    Args:
+      num_classes: classifier outputs (>= 1).
+      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem_norm`` ("bn" | "dbn"),
+        ``head`` ("gap" | "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``,
+        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``,
+        ``act`` (see :class:`ResNet`).
+
+    Returns:
+      The ResNet ``ResNet(num_classes, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
+      stem="cifar", **kwargs)``. Call it as
+      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
+      images.
+
+    Raises:
+      TypeError: for a keyword that this factory fixes or ResNet does not have.
+      ValueError: for a bad attribute value (see :class:`ResNet`).
+
+    Example:
+      >>> model = CifarResNet18(num_classes=10)
+      >>> model.stem, model.stage_sizes
+      ('cifar', (2, 2, 2, 2))
+    """
+    return _build("CifarResNet18", num_classes, kwargs,
+                  stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock, stem="cifar")
+
+
+def CifarResNet50(num_classes: int, **kwargs: Any) -> ResNet:
+    """ResNet-50 with the CIFAR stem (3x3 stride-1 conv, no max pool; Fig. 6).
+
+    Bottleneck blocks, stages (3, 4, 6, 3); with ``stem_norm="dbn"`` the decorrelated-BN
+    network of Tables 1-4 (Appendix B.1).
+
+    Args:
+      num_classes: classifier outputs (>= 1).
+      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem_norm`` ("bn" | "dbn"),
+        ``head`` ("gap" | "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``,
+        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``,
+        ``act`` (see :class:`ResNet`).
+
+    Returns:
+      The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
+      stem="cifar", **kwargs)``. Call it as
+      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
+      images.
+
+    Raises:
+      TypeError: for a keyword that this factory fixes or ResNet does not have.
+      ValueError: for a bad attribute value (see :class:`ResNet`).
+
+    Example:
+      >>> model = CifarResNet50(num_classes=10)
+      >>> model.stem, model.block_cls.__name__
+      ('cifar', 'BottleneckResNetBlock')
+    """
+    return _build("CifarResNet50", num_classes, kwargs,
+                  stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock, stem="cifar")
+
+
+def TinyResNet(num_classes: int, **kwargs: Any) -> ResNet:
+    """A small two-stage ResNet for tests and demos (CIFAR stem, 8 filters by default).
+
+    Basic blocks, stages (1, 1); ``num_filters`` defaults to 8 and ``stem`` to "cifar"
+    (both may be given).
+
+    Args:
+      num_classes: classifier outputs (>= 1).
+      **kwargs: any other ResNet attribute: ``num_filters`` (8 here), ``stem`` ("cifar"
+        here, or "imagenet"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"),
+        ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
+        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+
+    Returns:
+      The ResNet ``ResNet(num_classes, stage_sizes=(1, 1), block_cls=ResNetBlock,
+      **{"num_filters": 8, "stem": "cifar", **kwargs})``. Call it as
+      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC images.
+
+    Raises:
+      TypeError: for a keyword that this factory fixes or ResNet does not have.
+      ValueError: for a bad attribute value (see :class:`ResNet`).
+
+    Example:
+      >>> model = TinyResNet(num_classes=10)
+      >>> model.stage_sizes, model.num_filters, model.stem
+      ((1, 1), 8, 'cifar')
+    """
+    kwargs = {"num_filters": 8, "stem": "cifar", **kwargs}
+    return _build("TinyResNet", num_classes, kwargs, stage_sizes=(1, 1), block_cls=ResNetBlock)
 
 
 def pre_svd_pattern(model: ResNet) -> str:
@@ -245,12 +546,14 @@ def pre_svd_pattern(model: ResNet) -> str:
       ``r"^stem_conv/kernel$"`` for the DBN stem, ``r"^head/pre_svd_conv/kernel$"`` for GCP.
 
     Raises:
-      ValueError: if the configuration is invalid or has no SVD meta-layer.
+      TypeError: if ``model`` is not a :class:`ResNet`.
+      ValueError: if the configuration has no SVD meta-layer.
 
     Example:
       >>> pre_svd_pattern(CifarResNet50(num_classes=100, stem_norm="dbn"))
       '^stem_conv/kernel$'
     """
+    _check_model(model, "pre_svd_pattern")
     check_config(model)
     if model.stem_norm == "dbn":
         return r"^stem_conv/kernel$"
@@ -262,6 +565,16 @@ def pre_svd_pattern(model: ResNet) -> str:
 
 def pre_svd_eps(model: ResNet) -> float:
     """The eps*I the meta-layer adds to the Pre-SVD covariance (dbn_eps for DBN, 0 for GCP).
+
+    Args:
+      model: a ResNet (any variant).
+
+    Returns:
+      ``model.dbn_eps`` for the DBN stem, 0.0 for the GCP head.
+
+    Raises:
+      TypeError: if ``model`` is not a :class:`ResNet`.
+      ValueError: if the configuration has no SVD meta-layer.
 
     Example:
       >>> pre_svd_eps(TinyResNet(num_classes=10, head="gcp"))
@@ -279,6 +592,10 @@ def pre_svd_features(intermediates: Any) -> Array:
 
     Returns:
       The NHWC Pre-SVD output (the DBN sees it flattened over batch*H*W; GCP per image).
+
+    Raises:
+      ValueError: unless exactly one ``pre_svd_features`` was sown (e.g. the model has no
+        SVD meta-layer, or ``mutable=["intermediates"]`` was not passed).
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -1,14 +1,18 @@
 """Decorrelated batch normalisation: ZCA whitening through the SVD meta-layer.
 
 Implements the whitening layer of the paper's decorrelated-BN application (Appendix B.1,
-Eq. 43; docs/applications.md). The layer is a drop-in replacement for
-``flax.linen.BatchNorm`` (same fields where they make sense and the same
+Eq. 43; docs/applications.md). Pure functions (shared with ``svdcond_jax.nnx``):
+:func:`zca_statistics` (batch mean and whitening matrix), :func:`zca_whiten`,
+:func:`ema_update` (running statistics), :func:`initial_zca_statistics`,
+:func:`channel_affine`. :class:`DecorrelatedBatchNorm` is the Linen layer, a drop-in
+replacement for ``flax.linen.BatchNorm`` (same fields where they make sense and the same
 ``__call__(x, use_running_average=None)`` convention), so a ResNet can inject it as its
 stem norm.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,14 +21,23 @@ import jax
 import jax.numpy as jnp
 
 from svdcond_jax import meta_layer
+from svdcond_jax.nn import _checks
+from svdcond_jax.nn._covariance import covariance
+
+__all__ = [
+    "DecorrelatedBatchNorm",
+    "channel_affine",
+    "ema_update",
+    "group_moments",
+    "initial_zca_statistics",
+    "zca_statistics",
+    "zca_whiten",
+]
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-
-def _compute_dtype(dtype: Any) -> Any:
-    """Float32 for float32/bf16/f16 inputs, float64 when the input already is float64."""
-    return jnp.promote_types(dtype, jnp.float32)
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _to_groups(x: Array, groups: int) -> Array:
@@ -44,10 +57,10 @@ def group_moments(
 ) -> tuple[Array, Array]:
     """Mean and regularised covariance of grouped features (Eq. 2 plus eps*I).
 
-    Without ``axis_name`` this is ``meta_layer.covariance`` (centred, Eq. 2). Inside
-    pmap/shard_map with ``axis_name`` the first and second moments are averaged over the
-    devices with ``lax.pmean`` (all shards must hold the same number of samples), and the
-    covariance is E[x x^T] - mu mu^T + eps*I, i.e. the statistic of the global batch.
+    Without ``axis_name`` this is the centred covariance of Eq. 2. Inside pmap/shard_map
+    with ``axis_name`` the first and second moments are averaged over the devices with
+    ``lax.pmean`` (all shards must hold the same number of samples), and the covariance is
+    E[x x^T] - mu mu^T + eps*I, i.e. the statistic of the global batch.
 
     Args:
       xg: features of shape (groups, d, N).
@@ -65,32 +78,194 @@ def group_moments(
     """
     mean = jnp.mean(xg, axis=-1)
     if axis_name is None:
-        return mean, meta_layer.covariance(xg, layout="features_first", eps=epsilon)
-    second = jnp.einsum("gdn,gen->gde", xg, xg) / xg.shape[-1]
+        return mean, covariance(xg, eps=epsilon)
+    second = jnp.einsum("gdn,gen->gde", xg, xg, precision=_HIGHEST) / xg.shape[-1]
     mean, second = jax.lax.pmean((mean, second), axis_name)
     cov = second - mean[..., :, None] * mean[..., None, :]
     cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
     return mean, cov + epsilon * jnp.eye(xg.shape[1], dtype=xg.dtype)
 
 
+def zca_statistics(
+    x: Array,
+    *,
+    epsilon: float,
+    groups: int = 1,
+    method: str = "eigh",
+    method_kwargs: dict[str, Any] | None = None,
+    axis_name: str | None = None,
+) -> tuple[Array, Array]:
+    """Batch mean and ZCA whitening matrix ``(Sigma + eps I)^{-1/2}`` per channel group.
+
+    The features x (..., C) are flattened to X (C, N), N = prod(x.shape[:-1]), split into
+    ``groups`` equal channel groups, and for each Sigma = X J X^T (Eq. 2) and
+    ``S = (Sigma + eps I)^{-1/2}`` from ``meta_layer.inv_sqrtm`` (the SVD meta-layer for
+    ``method="eigh"``). Computed in x's dtype (pass float32/float64).
+
+    Args:
+      x: features (..., C), C divisible by ``groups``.
+      epsilon: eps >= 0 added to the covariance.
+      groups: channel groups whitened separately.
+      method: meta-layer method (``meta_layer.METHODS``).
+      method_kwargs: options of the method.
+      axis_name: mapped axis for global statistics under pmap/shard_map.
+
+    Returns:
+      ``(mean, whitening)`` of shapes (C,) and (groups, C/groups, C/groups).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1.0, 2.0], [-1.0, -2.0], [1.0, -2.0], [-1.0, 2.0]])
+      >>> mean, w = zca_statistics(x, epsilon=0.0)  # variances 1 and 4, uncorrelated
+      >>> w[0].round(4).tolist()
+      [[1.0, 0.0], [0.0, 0.5]]
+    """
+    channels = x.shape[-1]
+    mean, cov = group_moments(_to_groups(x, groups), epsilon=epsilon, axis_name=axis_name)
+    whitening = meta_layer.inv_sqrtm(cov, method=method, **(method_kwargs or {}))
+    return mean.reshape(channels), whitening
+
+
+def zca_whiten(x: Array, mean: Array, whitening: Array) -> Array:
+    """``y = S (x - mean)`` per channel group (the ZCA whitening of Eq. 43).
+
+    Args:
+      x: features (..., C).
+      mean: (C,).
+      whitening: (groups, C/groups, C/groups).
+
+    Returns:
+      (..., C), in the promoted dtype of the arguments.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[[2.0, 0.0], [0.0, 0.5]]])
+      >>> zca_whiten(jnp.array([[1.0, 3.0]]), jnp.array([0.0, 1.0]), w).tolist()
+      [[2.0, 1.0]]
+    """
+    groups, size = whitening.shape[0], whitening.shape[-1]
+    xg = _to_groups(x, groups) - mean.reshape(groups, size)[..., None]
+    return _from_groups(jnp.einsum("gde,gen->gdn", whitening, xg, precision=_HIGHEST), x.shape)
+
+
+def ema_update(running: Any, batch: Any, momentum: float) -> Any:
+    """Running statistics ``momentum * running + (1 - momentum) * batch`` (pytrees).
+
+    The result carries no gradient. Flax momentum 0.9 is PyTorch momentum 0.1.
+
+    Args:
+      running: current running statistics.
+      batch: this batch's statistics (same structure).
+      momentum: in [0, 1].
+
+    Returns:
+      The updated statistics, in the dtypes of ``running``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(ema_update(jnp.array(1.0), jnp.array(3.0), 0.75))
+      1.5
+    """
+    return jax.tree.map(
+        lambda r, b: jax.lax.stop_gradient(momentum * r + (1 - momentum) * b).astype(r.dtype),
+        running, batch)
+
+
+def initial_zca_statistics(channels: int, groups: int, dtype: Any) -> tuple[Array, Array]:
+    """Running statistics before any update: mean 0 and identity whitening matrices.
+
+    Args:
+      channels: C.
+      groups: channel groups (must divide C).
+      dtype: dtype of the statistics.
+
+    Returns:
+      ``(mean, whitening)`` of shapes (C,) and (groups, C/groups, C/groups).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> [a.shape for a in initial_zca_statistics(6, 2, jnp.float32)]
+      [(6,), (2, 3, 3)]
+    """
+    size = channels // groups
+    return (jnp.zeros((channels,), dtype),
+            jnp.broadcast_to(jnp.eye(size, dtype=dtype), (groups, size, size)))
+
+
+def channel_affine(y: Array, scale: Array | None, bias: Array | None) -> Array:
+    """Per-channel ``y * scale + bias`` over the last axis (None skips a term).
+
+    Args:
+      y: (..., C).
+      scale: (C,) or None.
+      bias: (C,) or None.
+
+    Returns:
+      (..., C) in ``y``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> channel_affine(jnp.ones((1, 2)), jnp.array([2.0, 3.0]), None).tolist()
+      [[2.0, 3.0]]
+    """
+    if scale is not None:
+        y = y * scale.astype(y.dtype)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def _check_decorrelated_batch_norm(where: str, *, momentum: Any, epsilon: Any, groups: Any,
+                                  method: Any, method_kwargs: Any, dtype: Any,
+                                  param_dtype: Any) -> None:
+    """Static arguments of decorrelated BN (Linen and NNX)."""
+    _checks.check_real(where, "momentum", momentum, low=0.0, high=1.0)
+    _checks.check_real(where, "epsilon", epsilon, low=0.0)
+    _checks.check_int(where, "groups", groups, 1)
+    _checks.check_method(where, method, method_kwargs)
+    _checks.check_dtype(where, "dtype", dtype)
+    _checks.check_dtype(where, "param_dtype", param_dtype, optional=False)
+
+
+def _check_decorrelated_batch_norm_input(where: str, x: Any, *, groups: int, training: bool,
+                                        axis_name: str | None) -> Array:
+    """Input of decorrelated BN: real floating (..., C), C % groups == 0, and in training at
+    least 2 samples per channel (1 per device with ``axis_name``)."""
+    x = _checks.check_input(where, x, min_ndim=2)
+    if x.shape[-1] % groups:
+        raise ValueError(f"{where}: groups={groups} must divide the number of channels; "
+                         f"got x.shape={x.shape}")
+    samples = math.prod(x.shape[:-1])
+    needed = 1 if axis_name is not None else 2
+    if training and samples < needed:
+        raise ValueError(f"{where}: batch statistics need at least {needed} samples per "
+                         f"channel; got x.shape={x.shape} ({samples} samples)")
+    return x
+
+
 class DecorrelatedBatchNorm(nn.Module):
     """ZCA-whitening batch norm (decorrelated BN), Eq. 43 / docs/applications.md.
 
     Training mode: the features x of shape (..., C) (NHWC, features last) are flattened to
-    X (C, N), N = batch*H*W, split into ``groups`` equal channel groups, and each group is
-    whitened with its own statistics: Sigma = X J X^T + eps*I (Eq. 2),
+    X (C, N), N = prod(x.shape[:-1]), split into ``groups`` equal channel groups, and each
+    group is whitened with its own statistics: Sigma = X J X^T + eps*I (Eq. 2),
     y = Sigma^{-1/2} (x - mu), with Sigma^{-1/2} from ``meta_layer.inv_sqrtm`` (the SVD
-    meta-layer for ``method="eigh"``). A per-channel affine follows. The running mean and
-    the running whitening matrix are exponential moving averages
-    (new = momentum*old + (1-momentum)*batch) stored in ``batch_stats`` under ``"mean"``
-    (C,) and ``"whitening"`` (groups, C/groups, C/groups); evaluation computes
-    y = W_running (x - mean_running). Statistics are taken in float32 (or float64) even
-    for bf16 inputs.
+    meta-layer for ``method="eigh"``); see :func:`zca_statistics`. A per-channel affine
+    follows. The running mean and the running whitening matrix are exponential moving
+    averages (:func:`ema_update`: new = momentum*old + (1-momentum)*batch) stored in
+    ``batch_stats`` under ``"mean"`` (C,) and ``"whitening"`` (groups, C/groups, C/groups);
+    evaluation computes y = W_running (x - mean_running).
+
+    dtypes: statistics and whitening are computed in float32 (float64 for float64 input),
+    also for bfloat16/float16 input; the result is in ``dtype`` (None: the input's dtype).
+    Integer, bool and complex inputs raise TypeError. Values: a NaN/inf anywhere in a
+    training batch makes the whole output NaN (the statistics are shared); in evaluation it
+    stays in its own sample.
 
     Attributes:
       use_running_average: evaluate with running statistics (may be given at call time).
-      momentum: EMA decay of the running statistics (0.9 = PyTorch momentum 0.1).
-      epsilon: eps*I added to the covariance (1e-2 in the paper's experiment).
+      momentum: EMA decay of the running statistics, in [0, 1] (0.9 = PyTorch momentum 0.1).
+      epsilon: eps*I >= 0 added to the covariance (1e-2 in the paper's experiment).
       groups: number of channel groups whitened separately (C % groups must be 0).
       method: meta-layer method, one of ``meta_layer.METHODS``.
       method_kwargs: extra options for the meta-layer method.
@@ -98,10 +273,15 @@ class DecorrelatedBatchNorm(nn.Module):
         ``jit`` with a sharded batch the statistics are global automatically).
       use_scale: learn a per-channel scale.
       use_bias: learn a per-channel bias.
-      dtype: output dtype (default: the input's dtype).
+      dtype: dtype of the result (None: the input's dtype).
       param_dtype: dtype of scale and bias.
       scale_init: initializer of the scale.
       bias_init: initializer of the bias.
+
+    Raises:
+      TypeError / ValueError: at construction for a bad attribute (naming it); at call
+        time for a non-floating ``x``, fewer than 2 dims, channels not divisible by
+        ``groups``, or a training batch of fewer than 2 samples.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -127,57 +307,50 @@ class DecorrelatedBatchNorm(nn.Module):
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
 
-    def _check_input(self, x: Array) -> None:
-        if x.ndim < 2:
-            raise ValueError(f"x must have a batch and a feature axis; got {x.shape=}")
-        if self.groups < 1 or x.shape[-1] % self.groups:
-            raise ValueError(
-                f"groups={self.groups} must divide the number of channels; got {x.shape=}"
-            )
-        if self.method not in meta_layer.METHODS:
-            raise ValueError(f"method={self.method!r}; valid: {meta_layer.METHODS}")
+    def __post_init__(self) -> None:
+        _check_decorrelated_batch_norm(
+            type(self).__name__, momentum=self.momentum, epsilon=self.epsilon,
+            groups=self.groups, method=self.method, method_kwargs=self.method_kwargs,
+            dtype=self.dtype, param_dtype=self.param_dtype)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Whiten ``x`` (..., C); returns an array of the same shape."""
+        """Whiten ``x``.
+
+        Args:
+          x: features (..., C), real floating.
+          use_running_average: if True use the running statistics, else the batch's (and
+            update the running ones, with ``mutable=["batch_stats"]``); overrides the
+            attribute.
+
+        Returns:
+          An array of ``x``'s shape in ``dtype`` (None: ``x.dtype``).
+        """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        self._check_input(x)
-        channels, size = x.shape[-1], x.shape[-1] // self.groups
-        cdtype = _compute_dtype(x.dtype)
-        ra_mean = self.variable(
-            "batch_stats", "mean", lambda: jnp.zeros((channels,), cdtype)
-        )
-        ra_whitening = self.variable(
-            "batch_stats",
-            "whitening",
-            lambda: jnp.broadcast_to(jnp.eye(size, dtype=cdtype), (self.groups, size, size)),
-        )
-        xg = _to_groups(x.astype(cdtype), self.groups)  # (G, d, N)
+        x = _check_decorrelated_batch_norm_input(
+            type(self).__name__, x, groups=self.groups, training=not use_running_average,
+            axis_name=self.axis_name)
+        cdtype = _checks.compute_dtype(x.dtype)
+        initial = initial_zca_statistics(x.shape[-1], self.groups, cdtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: initial[0])
+        ra_whitening = self.variable("batch_stats", "whitening", lambda: initial[1])
+        xc = x.astype(cdtype)
         if use_running_average:
-            mean = ra_mean.value.reshape(self.groups, size)
-            whitening = ra_whitening.value
+            mean, whitening = ra_mean.value, ra_whitening.value
         else:
-            mean, cov = group_moments(xg, epsilon=self.epsilon, axis_name=self.axis_name)
-            whitening = meta_layer.inv_sqrtm(
-                cov, method=self.method, **(self.method_kwargs or {})
-            )
+            mean, whitening = zca_statistics(
+                xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
+                method_kwargs=self.method_kwargs, axis_name=self.axis_name)
             if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(channels)
-                ra_whitening.value = m * ra_whitening.value + (1 - m) * whitening
-        yg = jnp.einsum("gde,gen->gdn", whitening, xg - mean[..., None])
-        y = _from_groups(yg, x.shape)
-        return self._affine(y).astype(self.dtype or x.dtype)
-
-    def _affine(self, y: Array) -> Array:
-        """Per-channel scale and bias (applied after the whitening)."""
-        channels = y.shape[-1]
-        if self.use_scale:
-            scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
-            y = y * scale.astype(y.dtype)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
-            y = y + bias.astype(y.dtype)
-        return y
+                ra_mean.value, ra_whitening.value = ema_update(
+                    (ra_mean.value, ra_whitening.value), (mean, whitening), self.momentum)
+        y = zca_whiten(xc, mean.astype(cdtype), whitening.astype(cdtype))
+        channels = (x.shape[-1],)
+        scale = (self.param("scale", self.scale_init, channels, self.param_dtype)
+                 if self.use_scale else None)
+        bias = (self.param("bias", self.bias_init, channels, self.param_dtype)
+                if self.use_bias else None)
+        return channel_affine(y, scale, bias).astype(self.dtype or x.dtype)

@@ -3,17 +3,35 @@
 Experiments override a few fields of :func:`get_config`; every field is documented inline.
 The defaults train ``TinyResNet`` with decorrelated BN (``method="svd"``) on the embedded
 offline ``digits`` dataset, so a fresh machine without internet can run them.
+:func:`validate_config` checks every field's type and range (``train_and_evaluate`` calls
+it before loading data or compiling anything).
 
 Example:
-    >>> from svdcond_jax.training.config import get_config
+    >>> from svdcond_jax.training.config import get_config, validate_config
     >>> config = get_config()
     >>> config.method, config.dataset
     ('svd', 'digits')
+    >>> validate_config(config)
+    >>> config.batch_size, config.learning_rate = 0, -0.1
+    >>> validate_config(config)
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid config:
+      config.batch_size=0: must be an integer >= 1
+      config.learning_rate=-0.1: must be a finite number > 0
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import ml_collections
+
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # names jax.random.key(impl=...) knows
+MAX_SEED = 2**32 - 1
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_eval_examples = -1
     config.shuffle_buffer = 50_000  # whole CIFAR train split; ImageNet: ~16_384 (memory)
     # --- model / method -----------------------------------------------------------------
-    config.model = "TinyResNet"  # class name in svdcond_jax.models
+    config.model = "TinyResNet"  # network factory in svdcond_jax.models
     config.num_filters = -1  # -1: the model's default (TinyResNet 8); >27 shows rank <= 27
     config.method = "svd"  # one of svdcond_jax.training.methods.METHODS
     config.task = "auto"  # "dbn" (whitening stem) | "gcp" (covariance head) | "auto"
@@ -66,3 +84,178 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallel = "jit"  # "jit" (Mesh + NamedSharding) | "pmap"
     config.prefetch = 2  # batches placed on the devices ahead of the step
     return config
+
+
+Rule = Callable[[Any], str | None]  # value -> what it must be, or None when it is valid
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(low: int, *, or_minus_one: bool = False, high: int | None = None) -> Rule:
+    """An integer in [low, high] (or exactly -1, the "default/all" marker)."""
+    text = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    text = f"-1 or {text}" if or_minus_one else text
+
+    def rule(v: Any) -> str | None:
+        ok = _is_int(v) and (v >= low and (high is None or v <= high)
+                             or or_minus_one and v == -1)
+        return None if ok else text
+
+    return rule
+
+
+def _number(low: float, *, low_open: bool = False, high: float | None = None,
+            high_open: bool = False) -> Rule:
+    """A finite real number in the interval given by low/high (open or closed ends)."""
+    text = f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        text += f" and {'<' if high_open else '<='} {high:g}"
+
+    def rule(v: Any) -> str | None:
+        if not _is_number(v) or (v <= low if low_open else v < low):
+            return text
+        if high is not None and (v >= high if high_open else v > high):
+            return text
+        return None
+
+    return rule
+
+
+def _one_of(choices: Callable[[], Sequence[str]]) -> Rule:
+    def rule(v: Any) -> str | None:
+        valid = tuple(choices())
+        return None if isinstance(v, str) and v in valid else f"one of {', '.join(valid)}"
+
+    return rule
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "True or False"
+
+
+def _optional_path(v: Any) -> str | None:
+    return None if v is None or isinstance(v, str) and v else "None or a non-empty path string"
+
+
+def _epochs(v: Any) -> str | None:
+    text = "a list of increasing integer epochs >= 1 (may be empty)"
+    if not isinstance(v, list | tuple) or not all(_is_int(e) and e >= 1 for e in v):
+        return text
+    return None if all(a < b for a, b in zip(v[:-1], v[1:], strict=True)) else text
+
+
+def _datasets() -> Sequence[str]:
+    from svdcond_jax.training.input_pipeline import DATASETS  # tensorflow: imported lazily
+
+    return DATASETS
+
+
+def _methods() -> Sequence[str]:
+    from svdcond_jax.training.methods import METHODS
+
+    return METHODS
+
+
+def _tasks() -> Sequence[str]:
+    from svdcond_jax.training.methods import TASKS
+
+    return ("auto", *TASKS)
+
+
+def _network_names() -> list[str]:
+    """Names in svdcond_jax.models that build a whole network: factories ``f(num_classes, ...)``."""
+    import inspect
+
+    from svdcond_jax import models
+
+    def builds_network(obj: Any) -> bool:
+        if isinstance(obj, type) or not inspect.isfunction(obj):
+            return False
+        params = list(inspect.signature(obj).parameters)
+        return bool(params) and params[0] == "num_classes"
+
+    return sorted(n for n in dir(models) if builds_network(getattr(models, n)))
+
+
+def _model(v: Any) -> str | None:
+    names = _network_names()
+    return None if v in names else f"a network of svdcond_jax.models ({', '.join(names)})"
+
+
+RULES: dict[str, Rule] = {
+    "dataset": _one_of(_datasets),
+    "data_dir": _optional_path,
+    "image_size": _int(1, or_minus_one=True),
+    "max_train_examples": _int(1, or_minus_one=True),
+    "max_eval_examples": _int(1, or_minus_one=True),
+    "shuffle_buffer": _int(1),
+    "model": _model,
+    "num_filters": _int(1, or_minus_one=True),
+    "method": _one_of(_methods),
+    "task": _one_of(_tasks),
+    "dbn_eps": _number(0.0, low_open=True),  # eps*I makes the singular stem covariance PD
+    "dbn_groups": _int(1),
+    "gcp_dim": _int(1),
+    "ns_iters": _int(1),
+    "half_precision": _bool,
+    "num_epochs": _int(1),
+    "num_train_steps": _int(1, or_minus_one=True),
+    "batch_size": _int(1),
+    "eval_batch_size": _int(1),
+    "learning_rate": _number(0.0, low_open=True),
+    "momentum": _number(0.0, high=1.0, high_open=True),
+    "weight_decay": _number(0.0),
+    "lr_boundaries_epochs": _epochs,
+    "lr_decay": _number(0.0, low_open=True, high=1.0),
+    "ol_coeff": _number(0.0),
+    "monitor_every_steps": _int(1),
+    "log_every_steps": _int(1),
+    "eval_every_epochs": _int(1),
+    "checkpoint_every_epochs": _int(1),
+    "max_checkpoints_to_keep": _int(1),
+    "progress_bar": _bool,
+    "seed": _int(0, high=MAX_SEED),
+    "prng_impl": _one_of(lambda: PRNG_IMPLS),
+    "parallel": _one_of(lambda: ("jit", "pmap")),
+    "prefetch": _int(0),
+}
+"""What each field of :func:`get_config` must be (the rule returns the requirement text)."""
+
+
+def validate_config(config: Any) -> None:
+    """Checks every field's type and range before a run touches data or compiles anything.
+
+    Rules (:data:`RULES`): sizes, counts and periods are integers >= 1 (``-1`` means
+    "default"/"all" where :func:`get_config` says so; ``prefetch`` may be 0); the learning
+    rate and ``dbn_eps`` are finite and > 0; ``momentum`` is in [0, 1); ``lr_decay`` in
+    (0, 1]; weight decay and ``ol_coeff`` are finite and >= 0; ``lr_boundaries_epochs`` are
+    increasing epochs >= 1; names (dataset, model, method, task, prng_impl, parallel) are
+    known; flags are bools; ``seed`` is in [0, 2**32 - 1]. Across fields:
+    ``max_train_examples`` (when set) is at least ``batch_size`` (else an epoch has no
+    batch). Fields the defaults do not have are rejected (a typo would be ignored).
+
+    Args:
+        config: a ConfigDict (or mapping) with the fields of :func:`get_config`.
+
+    Raises:
+        ValueError: listing every invalid, missing or unknown field with its value.
+    """
+    keys = set(config.keys())
+    errors = [f"  config.{k}: missing" for k in RULES if k not in keys]
+    errors += [f"  config.{k}={config[k]!r}: unknown field (valid: {', '.join(RULES)})"
+               for k in sorted(keys - set(RULES))]
+    for key, rule in RULES.items():
+        if key in keys and (need := rule(config[key])) is not None:
+            errors.append(f"  config.{key}={config[key]!r}: must be {need}")
+    if not errors and 0 < config["max_train_examples"] < config["batch_size"]:
+        errors.append(f"  config.max_train_examples={config['max_train_examples']!r} is "
+                      f"smaller than config.batch_size={config['batch_size']!r}: an epoch "
+                      "would hold no batch")
+    if errors:
+        raise ValueError("invalid config:\n" + "\n".join(errors))

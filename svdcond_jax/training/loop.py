@@ -1,22 +1,37 @@
 """``train_and_evaluate(config, workdir)``: the training loop, composed of small functions.
 
-One run: load data (exits at once if a TFDS dataset is missing) -> build model/optimizer
-from the method name -> restore the latest checkpoint of ``workdir`` if any -> for each step:
-place a batch on the devices, run the compiled step (non-finite steps are skipped and
-counted), log train records, every ``monitor_every_steps`` the float64 conditioning record;
-per epoch evaluate and checkpoint -> summary record. Outputs in ``workdir``:
-``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``.
+One run: validate the config (:func:`~svdcond_jax.training.config.validate_config`, before
+any data or compilation) -> lock the workdir (a second run into it fails at once, naming the
+holder) -> load data (exits at once if a TFDS dataset is missing; a split smaller than one
+batch raises) -> build model/optimizer from the method name -> restore the newest checkpoint
+of ``workdir`` that verifies (damaged ones are moved aside, with a warning) -> for each
+step: place a batch on the devices, run the compiled step (non-finite steps are skipped and
+counted), then the periodic actions (``clu.periodic_actions.PeriodicCallback``, each also
+at the last step): train record every ``log_every_steps``, float64 conditioning record
+every ``monitor_every_steps`` (a non-finite batch gives a record with ``finite: false``),
+evaluation every ``eval_every_epochs`` and checkpoint every ``checkpoint_every_epochs``
+-> summary record. Outputs in ``workdir``: ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/`` (``checkpoints_damaged/`` if any were), ``run.lock``.
 
 Exact resume: the data order and augmentation are functions of (seed, epoch, position), and
 the checkpoint holds the whole array state, so a run restarted from its last checkpoint ends
 with the same parameters as an uninterrupted one (``metrics.jsonl`` is truncated back to the
-checkpoint's step and continued). ``train_time_s`` counts this process's run only.
+records written before the checkpoint and continued). ``train_time_s`` counts this
+process's run only.
 
-Multi-host: call :func:`initialize_distributed` (``jax.distributed.initialize()``) at the
-start of the program, before any other jax call; each process then reads its share of the
+History: each checkpoint records how many metrics records preceded it, and every record has
+a ``seq``; the summary says ``complete: true`` only when the file holds exactly the run's
+records. Otherwise (the file was deleted or edited) ``complete`` is false,
+``history_problem`` says what is missing, the aggregates over the history
+(``best_val_error``, ``median_kappa_eps``) are null, and a warning says the summary is not
+a result (experiments/tables.py leaves such runs out).
+
+Multi-host: call :func:`svdcond_jax.training.distributed.initialize` at the start of
+the program, before any other jax call; each process then reads its share of the
 data (``jax.process_index/process_count`` in the input pipeline) and the steps run over the
-global mesh. Only process 0 writes metrics; the conditioning monitor reads the features
-addressable by process 0. This cannot be tested here beyond one process.
+global mesh. Only process 0 writes metrics, takes the workdir lock and writes checkpoint
+records; the conditioning monitor reads the features addressable by process 0; the returned
+summary is process 0's. This cannot be tested here beyond one process.
 
 Example:
     >>> import tempfile
@@ -30,30 +45,32 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from clu import metrics as clu_metrics
+from clu import periodic_actions
 
 from svdcond_jax.optimizers import find_olr_eta
 from svdcond_jax.training import checkpointing, input_pipeline, monitor, steps, writers
-from svdcond_jax.training.state import Setup, TrainState, create_setup, create_train_state
+from svdcond_jax.training.config import validate_config
+from svdcond_jax.training.state import (
+    Setup,
+    TrainState,
+    create_setup,
+    create_train_state,
+    pre_inject_layout,
+)
 from svdcond_jax.training.state import find_param as _find_param
+from svdcond_jax.training.state import learning_rate as _learning_rate
+from svdcond_jax.training.workdir_lock import WorkdirLock
 
-
-def initialize_distributed() -> None:
-    """Multi-host setup: ``jax.distributed.initialize()`` (a no-op for one process).
-
-    On a cluster with a coordinator (Cloud TPU, SLURM, or the JAX_COORDINATOR_ADDRESS /
-    JAX_NUM_PROCESSES / JAX_PROCESS_ID environment) this connects the processes; call it
-    first thing in ``main``. Untested here (one process only).
-    """
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError):  # not in a multi-process environment
-        pass
+log = logging.getLogger(__name__)
 
 
 def _local_batch_size(batch_size: int) -> int:
@@ -88,24 +105,52 @@ def _train_iterator(config: Any, data: input_pipeline.Data, par: steps.Parallel,
         epoch, offset = epoch + 1, 0
 
 
+# clu builds the dataclass from real annotations (this module's are strings).
+EvalMetrics = clu_metrics.Collection.create(loss=clu_metrics.Average,
+                                            accuracy=clu_metrics.Accuracy)
+"""Eval loss and accuracy over the real (unpadded) examples, merged over batches."""
+
+
+def _eval_metrics(sums: dict[str, Any]) -> clu_metrics.Collection:
+    """:data:`EvalMetrics` of one batch's masked sums (``steps.eval_step``), host float64.
+
+    The compiled eval step already reduces (and ``psum``s under pmap) to these sums, so
+    the clu metrics are built from them rather than from per-example outputs; float64 keeps
+    the accumulation over many batches as exact as before.
+    """
+    count = np.float64(sums["count"])
+    return EvalMetrics.empty().replace(
+        loss=clu_metrics.Average(total=np.float64(sums["loss_sum"]), count=count),
+        accuracy=clu_metrics.Accuracy(total=np.float64(sums["correct"]), count=count))
+
+
 def evaluate(config: Any, data: input_pipeline.Data, par: steps.Parallel,
              state: TrainState) -> dict[str, float]:
-    """Loss, accuracy and error (%) over the whole eval split."""
+    """Loss, accuracy and error (%) over the whole eval split (``clu.metrics``)."""
     local = _local_batch_size(config.eval_batch_size)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    totals: clu_metrics.Collection | None = None
     for batch in input_pipeline.eval_batches(data, batch_size=local):
-        sums = par.host(par.eval_step(state, par.place_batch(batch)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
-    count = max(totals["count"], 1.0)
-    accuracy = totals["correct"] / count
-    return {"loss": totals["loss_sum"] / count, "accuracy": accuracy,
+        metrics = _eval_metrics(par.host(par.eval_step(state, par.place_batch(batch))))
+        totals = metrics if totals is None else totals.merge(metrics)
+    if totals is None:
+        raise ValueError("the eval split holds no example")
+    result = totals.compute()
+    accuracy = float(result["accuracy"])
+    return {"loss": float(result["loss"]), "accuracy": accuracy,
             "error": 100.0 * (1.0 - accuracy)}
 
 
+def _scalar(x: Any) -> float:
+    """One replicated scalar as a float (a pmap state's first replica; local data only)."""
+    if isinstance(x, jax.Array):
+        x = x.addressable_data(0)
+    return float(np.asarray(x).reshape(-1)[0])
+
+
 def _olr_eta(opt_state: Any) -> float | None:
-    """OLR's last eta as a float; reads one scalar (a pmap state's first replica)."""
+    """OLR's last eta as a float; reads one scalar."""
     eta = find_olr_eta(opt_state)
-    return None if eta is None else float(np.asarray(eta).reshape(-1)[0])
+    return None if eta is None else _scalar(eta)
 
 
 def _addressable(x: jax.Array) -> np.ndarray:
@@ -118,7 +163,10 @@ def _addressable(x: jax.Array) -> np.ndarray:
 
 def conditioning_record(setup: Setup, par: steps.Parallel, state: TrainState,
                         batch: dict) -> dict[str, Any]:
-    """Float64 conditioning of the Pre-SVD output on ``batch`` + weight norm + OLR eta."""
+    """Float64 conditioning of the Pre-SVD output on ``batch`` + weight norm + OLR eta.
+
+    A batch with NaN/Inf gives a record with ``finite: False`` (see ``monitor``).
+    """
     feats = _addressable(par.features_step(state, batch))
     record = monitor.conditioning_stats(feats, eps=setup.monitor_eps,
                                         per_image=setup.task == "gcp" and setup.spec.uses_svd)
@@ -129,23 +177,30 @@ def conditioning_record(setup: Setup, par: steps.Parallel, state: TrainState,
 
 
 def _summary(config: Any, workdir: str, step: int, failures: int, train_time: float,
-             steps_run: int) -> dict[str, Any]:
-    evals = writers.read_metrics(workdir, "eval")
-    conds = writers.read_metrics(workdir, "conditioning")
-    kappa = [r["kappa_eps"] for r in conds if r["kappa_eps"] is not None]
+             steps_run: int, expected_records: int) -> dict[str, Any]:
+    """The summary record, from the run's history in metrics.jsonl (checked first)."""
+    records = [r for r in writers.read_metrics(workdir) if r["kind"] != "summary"]
+    problem = writers.history_problem(records, expected_records)
+    evals = [r for r in records if r["kind"] == "eval"]
+    conds = [r for r in records if r["kind"] == "conditioning"]
+    last_eval = evals[-1] if evals and evals[-1]["step"] == step else None
+    last_cond = conds[-1] if conds and conds[-1]["step"] == step else None
+    kappa = [r["kappa_eps"] for r in conds if r.get("kappa_eps") is not None]
+    whole = problem is None  # aggregates over the history need all of it
     return {
         "method": config.method, "dataset": config.dataset, "model": config.model,
         "seed": int(config.seed), "steps": int(step),
-        "val_error": evals[-1]["error"] if evals else None,
-        "best_val_error": min(r["error"] for r in evals) if evals else None,
-        "final_kappa_eps": conds[-1]["kappa_eps"] if conds else None,
-        "median_kappa_eps": float(np.median(kappa)) if kappa else None,
-        "final_kappa_raw": conds[-1]["kappa_raw"] if conds else None,
-        "final_singular": conds[-1]["singular"] if conds else None,
-        "final_rank": conds[-1]["rank"] if conds else None,
-        "dim": conds[-1]["dim"] if conds else None,
+        "val_error": last_eval["error"] if last_eval else None,
+        "best_val_error": min(r["error"] for r in evals) if evals and whole else None,
+        "final_kappa_eps": last_cond["kappa_eps"] if last_cond else None,
+        "median_kappa_eps": float(np.median(kappa)) if kappa and whole else None,
+        "final_kappa_raw": last_cond["kappa_raw"] if last_cond else None,
+        "final_singular": last_cond["singular"] if last_cond else None,
+        "final_rank": last_cond["rank"] if last_cond else None,
+        "dim": last_cond["dim"] if last_cond else None,
         "svd_failures": int(failures), "train_time_s": float(train_time),
         "steps_per_s": float(steps_run / train_time) if train_time > 0 else None,
+        "complete": whole, "history_problem": problem,
     }
 
 
@@ -162,6 +217,21 @@ def _total_steps(config: Any, steps_per_epoch: int) -> int:
     return int(config.num_epochs) * steps_per_epoch
 
 
+def _steps_per_epoch(config: Any, data: input_pipeline.Data, local_batch: int) -> int:
+    """Full batches per epoch; raises when the data cannot fill one (the loop would spin)."""
+    steps_per_epoch = data.train.num_examples // local_batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the training split of {config.dataset!r} holds {data.train.num_examples} "
+            f"examples (this process's share; config.max_train_examples="
+            f"{config.max_train_examples}), fewer than one batch of {local_batch} (config."
+            f"batch_size={config.batch_size}): an epoch would hold no batch")
+    if data.eval.num_examples < 1:
+        raise ValueError(f"the eval split of {config.dataset!r} holds no example (config."
+                         f"max_eval_examples={config.max_eval_examples})")
+    return steps_per_epoch
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains ``config.method`` and returns the run's summary record.
 
@@ -173,89 +243,195 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     Returns:
         The summary dict (also the last line of metrics.jsonl): method, dataset, model, seed,
         steps, val_error, best_val_error, final_kappa_eps, median_kappa_eps, final_kappa_raw,
-        svd_failures, train_time_s, steps_per_s (+ final_singular, final_rank, dim,
-        compile_time_s). Timing excludes the first step (compilation), evaluation,
-        monitoring and checkpointing.
+        svd_failures, train_time_s, steps_per_s, complete, history_problem (+
+        final_singular, final_rank, dim, compile_time_s). Timing excludes the first step
+        (compilation), evaluation, monitoring and checkpointing. ``complete`` is False when
+        metrics.jsonl lost records of the run: then the summary is not a result.
+
+    Raises:
+        ValueError: an invalid config (before anything is loaded or compiled), a dataset
+            smaller than one batch, a batch size not divisible by the devices, a checkpoint
+            past the config's last step.
+        WorkdirBusyError: another run holds ``workdir``.
+        CheckpointMismatchError: ``workdir`` holds checkpoints of another config.
     """
-    data = input_pipeline.load_data(config)
+    validate_config(config)
     local = _local_batch_size(config.batch_size)
-    steps_per_epoch = max(1, data.train.num_examples // local)
+    _local_batch_size(config.eval_batch_size)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir, local)
+
+
+def _resume_history(workdir: str, start: int, restored: checkpointing.Restored | None) -> int:
+    """Truncates metrics.jsonl back to the checkpoint; returns the history's record count.
+
+    Warns when records written before the checkpoint are missing (the run goes on: its
+    weights are intact; its summary will say the history is incomplete).
+    """
+    count = restored.extra.get("metrics_records") if restored else 0
+    if jax.process_index() > 0:
+        return int(count or 0)
+    kept = writers.truncate_metrics(workdir, start if start > 0 else -1, keep_records=count)
+    count = len(kept) if count is None else int(count)
+    problem = writers.history_problem(kept, count)
+    if problem:
+        log.warning("resuming %s from step %d: %s. Training goes on from the intact "
+                    "checkpoint, but the summary will be marked incomplete (not a result); "
+                    "to get a result, delete the workdir and rerun.", workdir, start, problem)
+    return count
+
+
+def _train(config: Any, workdir: str, local: int) -> dict[str, Any]:
+    """train_and_evaluate after validation, with the workdir locked."""
+    data = input_pipeline.load_data(config)
+    steps_per_epoch = _steps_per_epoch(config, data, local)
     total = _total_steps(config, steps_per_epoch)
     axis_name = steps.AXIS_NAME if config.parallel == "pmap" else None
     setup = create_setup(config, num_classes=data.num_classes,
                          steps_per_epoch=steps_per_epoch, axis_name=axis_name)
-    par = steps.make_parallel(config.parallel, learning_rate_fn=setup.learning_rate_fn,
-                              ol_coeff=setup.ol_coeff,
+    par = steps.make_parallel(config.parallel, ol_coeff=setup.ol_coeff,
                               ol_pattern=setup.pre_svd_pattern if setup.ol_coeff else None,
                               capture_stem=not setup.spec.uses_svd)
     image_shape = (data.image_size, data.image_size, 3)
     host_state = create_train_state(
         jax.random.key(config.seed, impl=config.prng_impl), setup, image_shape)
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
-    host_state = checkpointing.restore_state(ckpt, host_state)
-    start = int(jax.device_get(host_state.step))
-    if jax.process_index() == 0:  # drop records written after the checkpoint (or all)
-        writers.truncate_metrics(workdir, start if start > 0 else -1)
-    writer = writers.MetricsWriter(workdir)
-    state = par.place_state(host_state)
-    summary = _run(config, workdir, setup, data, par, state, ckpt, writer, start, total,
-                   steps_per_epoch)
-    writer.close()
-    ckpt.close()
+    try:
+        legacy = pre_inject_layout(config, setup, checkpointing.state_arrays(host_state))
+        host_state, restored = checkpointing.restore_state(ckpt, host_state, legacy=legacy)
+        start = int(jax.device_get(host_state.step))
+        if start > total:
+            raise ValueError(f"{workdir} holds a checkpoint at step {start}, past this "
+                             f"config's last step {total} (num_train_steps="
+                             f"{config.num_train_steps}, num_epochs={config.num_epochs}): "
+                             "the run cannot end there; use another workdir")
+        writer = writers.MetricsWriter(workdir,
+                                       first_seq=_resume_history(workdir, start, restored))
+        state = par.place_state(host_state)
+        summary = _run(config, workdir, setup, data, par, state, ckpt, writer, start, total,
+                       steps_per_epoch)
+        writer.close()
+    finally:
+        ckpt.close()
     return summary
+
+
+class _Timer:
+    """Training time: from the end of the first (compiling) step, minus the actions' time."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0
+        self._paused_at: float | None = None
+
+    def first_step_done(self, state: TrainState) -> float:
+        """Call after the first step's dispatch; returns its time (compilation included)."""
+        jax.block_until_ready(state.params)
+        now = time.perf_counter()
+        compile_time, self.t0, self.excluded = now - self.t0, now, 0.0
+        return compile_time
+
+    def pause(self, state: TrainState) -> None:
+        """Before an action: the running step's own time still counts as training."""
+        if self._paused_at is None:
+            jax.block_until_ready(state.params)
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        """After a step's actions."""
+        if self._paused_at is not None:
+            self.excluded += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def train_time(self) -> float:
+        return max(time.perf_counter() - self.t0 - self.excluded, 0.0)
+
+
+def periodic_every_steps(config: Any, steps_per_epoch: int) -> dict[str, int]:
+    """``every_steps`` of the periodic actions log, monitor, eval, checkpoint.
+
+    Each also runs at the last step (``on_steps``); epochs count whole
+    ``steps_per_epoch``.
+    """
+    return {"log": int(config.log_every_steps), "monitor": int(config.monitor_every_steps),
+            "eval": int(config.eval_every_epochs) * steps_per_epoch,
+            "checkpoint": int(config.checkpoint_every_epochs) * steps_per_epoch}
 
 
 def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
          par: steps.Parallel, state: TrainState, ckpt: checkpointing.Checkpointer,
          writer: writers.MetricsWriter, start: int, total: int, steps_per_epoch: int
          ) -> dict[str, Any]:
-    """The step loop (train, monitor, eval, checkpoint) from ``start`` to ``total``."""
+    """The step loop (train, then the periodic actions) from ``start`` to ``total``."""
     batches = _train_iterator(config, data, par, start, steps_per_epoch)
     bar = _progress(config, total, start)
     postfix: dict[str, str] = {}
-    overhead, compile_time, t0 = 0.0, 0.0, time.perf_counter()
+
+    def epoch_of(step: int) -> int:  # 0-based epoch of a 1-based step
+        return (step - 1) // steps_per_epoch
+
+    def log_train(step: int, t: float, state: TrainState, metrics: Any, **_: Any) -> None:
+        host = par.host(metrics)
+        record = writer.write(step, "train", {
+            "loss": host["loss"], "accuracy": host["accuracy"],
+            "learning_rate": _scalar(_learning_rate(state.opt_state)),
+            "olr_eta": _olr_eta(state.opt_state) if setup.spec.olr else None,
+            "svd_failures": host["svd_failures"], "epoch": epoch_of(step)})
+        postfix.update(loss=f"{record['loss']:.3f}" if record["loss"] is not None
+                       else "nan", acc=f"{record['accuracy']:.3f}",
+                       fail=str(record["svd_failures"]))
+
+    def monitor_features(step: int, t: float, state: TrainState, batch: dict,
+                         **_: Any) -> None:
+        cond = writer.write(step, "conditioning", conditioning_record(setup, par, state, batch))
+        postfix["kappa"] = monitor.format_kappa(cond)
+
+    def evaluate_state(step: int, t: float, state: TrainState, **_: Any) -> None:
+        ev = evaluate(config, data, par, state)
+        writer.write(step, "eval", {**ev, "epoch": epoch_of(step)})
+        postfix["val_err"] = f"{ev['error']:.2f}"
+
+    def save_checkpoint(step: int, t: float, state: TrainState, **_: Any) -> None:
+        checkpointing.save_state(ckpt, par.host_state(state),
+                                 extra={"metrics_records": writer.count})
+
+    timer = _Timer()
+
+    def timed(fn: Callable[..., None]) -> Callable[..., None]:
+        def action(**kwargs: Any) -> None:
+            timer.pause(kwargs["state"])
+            fn(**kwargs)
+
+        action.__name__ = fn.__name__
+        return action
+
+    every = periodic_every_steps(config, steps_per_epoch)
+    actions = [periodic_actions.PeriodicCallback(every_steps=every[name], on_steps=[total],
+                                                 callback_fn=timed(fn))
+               for name, fn in (("log", log_train), ("monitor", monitor_features),
+                                ("eval", evaluate_state), ("checkpoint", save_checkpoint))]
+    compile_time = 0.0
     for step in range(start, total):
         batch = next(batches)
         state, step_metrics = par.train_step(state, batch)
-        done, epoch = step + 1, step // steps_per_epoch
-        last, epoch_end = done == total, done % steps_per_epoch == 0 or done == total
-        is_log = done % config.log_every_steps == 0 or last
-        is_mon = done % config.monitor_every_steps == 0 or last
-        is_eval = epoch_end and ((epoch + 1) % config.eval_every_epochs == 0 or last)
-        is_ckpt = epoch_end and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last)
-        if is_log or is_mon or is_eval or is_ckpt or step == start:
-            jax.block_until_ready(state.params)  # the step's time counts as training
-        t1 = time.perf_counter()
         if step == start:  # exclude compilation from the training time
-            compile_time, overhead, t0 = t1 - t0, 0.0, t1
-        if is_log:
-            metrics = par.host(step_metrics)
-            record = writer.write(done, "train", {
-                "loss": metrics["loss"], "accuracy": metrics["accuracy"],
-                "learning_rate": metrics["learning_rate"],
-                "olr_eta": _olr_eta(state.opt_state) if setup.spec.olr else None,
-                "svd_failures": metrics["svd_failures"], "epoch": epoch})
-            postfix.update(loss=f"{record['loss']:.3f}" if record["loss"] is not None
-                           else "nan", acc=f"{record['accuracy']:.3f}",
-                           fail=str(record["svd_failures"]))
-        if is_mon:
-            cond = writer.write(done, "conditioning",
-                                conditioning_record(setup, par, state, batch))
-            postfix["kappa"] = monitor.format_kappa(cond)
-        if is_eval:
-            ev = evaluate(config, data, par, state)
-            writer.write(done, "eval", {**ev, "epoch": epoch})
-            postfix["val_err"] = f"{ev['error']:.2f}"
-        if is_ckpt:
-            checkpointing.save_state(ckpt, par.host_state(state))
-        overhead += time.perf_counter() - t1
+            compile_time = timer.first_step_done(state)
+        for action in actions:
+            action(step + 1, state=state, batch=batch, metrics=step_metrics)
+        timer.resume()
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
     jax.block_until_ready(state)
     bar.close()
-    train_time = max(time.perf_counter() - t0 - overhead, 0.0)
+    train_time = timer.train_time()
     failures = int(jax.device_get(par.host_state(state).svd_failures))
-    summary = _summary(config, workdir, total, failures, train_time, max(total - start - 1, 0))
+    summary = _summary(config, workdir, total, failures, train_time,
+                       max(total - start - 1, 0), writer.count)
     summary["compile_time_s"] = compile_time
+    if not summary["complete"]:
+        log.warning("%s: the run's history is incomplete (%s); its summary is not a result "
+                    "(complete: false). Delete the workdir and rerun to get one.", workdir,
+                    summary["history_problem"])
     writer.write(total, "summary", summary)
     return summary

@@ -20,13 +20,22 @@ record holds the median over the images of each quantity (``singular`` = any ima
 ``kappa_eps_max`` (the worst image). The GCP features are sown after the head's BN + ReLU:
 exactly the matrix the meta-layer decomposes.
 
+Every record has ``finite``: False when the features hold NaN/Inf (a non-finite batch, the
+step the train step skipped); such a record keeps ``dim`` and has None (JSON null) for the
+eigenvalue statistics, instead of letting the float64 eigensolver raise ``LinAlgError`` and
+kill the run.
+
 Example:
     >>> import numpy as np
     >>> from svdcond_jax.training.monitor import conditioning_stats
     >>> x = np.random.default_rng(0).normal(size=(4, 8, 8, 5))
     >>> stats = conditioning_stats(x, eps=0.0)
-    >>> stats["rank"], stats["dim"], stats["singular"]
-    (5, 5, False)
+    >>> stats["rank"], stats["dim"], stats["singular"], stats["finite"]
+    (5, 5, False, True)
+    >>> x[0, 0, 0, 0] = np.nan
+    >>> bad = conditioning_stats(x, eps=0.0)
+    >>> bad["finite"], bad["kappa_eps"], bad["dim"]
+    (False, None, 5)
 """
 
 from __future__ import annotations
@@ -85,13 +94,19 @@ def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
             over all batch positions (decorrelated BN).
 
     Returns:
-        dict with kappa_raw, kappa_eps, lambda_max, lambda_min, rank, dim, singular
-        (and kappa_eps_max when per_image).
+        dict with kappa_raw, kappa_eps, lambda_max, lambda_min, rank, dim, singular, finite
+        (and kappa_eps_max when per_image); with non-finite features finite is False and
+        the other statistics but dim are None.
     """
     x = np.asarray(features, dtype=np.float64)
     if x.ndim < 4:
         raise ValueError(f"features must be NHWC with optional leading axes; got {x.shape=}")
     c = x.shape[-1]
+    if not np.all(np.isfinite(x)):
+        keys = ["kappa_raw", "kappa_eps", "lambda_max", "lambda_min", "rank", "singular"]
+        if per_image:
+            keys.append("kappa_eps_max")
+        return {**dict.fromkeys(keys), "dim": int(c), "finite": False}
     x = x.reshape(-1, x.shape[-3] * x.shape[-2], c)  # (B, HW, C)
     if per_image:
         stats = eigen_stats(covariance_f64(np.swapaxes(x, -1, -2)), eps=eps)
@@ -104,11 +119,14 @@ def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
         out = {k: float(v) for k, v in stats.items() if k not in ("singular", "rank")}
         out["rank"], out["singular"] = int(stats["rank"]), bool(stats["singular"])
     out["dim"] = int(c)
+    out["finite"] = True
     return out
 
 
 def format_kappa(record: dict[str, Any]) -> str:
     """Short progress-bar text: kappa_eps, and the raw one or "singular(rank r/d)"."""
+    if record.get("finite") is False:
+        return "non-finite"
     raw = (f"sing(r{record['rank']}/{record['dim']})" if record["singular"]
            else f"{record['kappa_raw']:.1e}")
     return f"{record['kappa_eps']:.1e}|{raw}"

@@ -1,5 +1,10 @@
 """Model, learning-rate schedule, optimizer and train state of one run.
 
+The optimizer is ``pre_svd_sgd`` wrapped in ``optax.inject_hyperparams``: the learning rate
+the optimizer used at the last update is in the optimizer state
+(:func:`learning_rate`), so the loop logs the value that was applied instead of
+re-evaluating the schedule.
+
 Example:
     >>> import jax
     >>> from svdcond_jax.training.config import get_config
@@ -9,11 +14,15 @@ Example:
     >>> st = state_lib.create_train_state(jax.random.key(0), setup, image_shape=(16, 16, 3))
     >>> int(st.step), int(st.svd_failures)
     (0, 0)
+    >>> round(float(state_lib.learning_rate(st.opt_state)), 6)
+    0.1
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -106,10 +115,91 @@ def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
         pattern, eps = models.pre_svd_pattern(model), models.pre_svd_eps(model)
     else:
         pattern, eps = STEM_PATTERN, float(config.dbn_eps)
-    tx = pre_svd_sgd(lr_fn, pattern, momentum=float(config.momentum),
-                     weight_decay=float(config.weight_decay), nog=spec.nog, olr=spec.olr)
+    tx = create_optimizer(config, spec, lr_fn, pattern)
     ol_coeff = float(config.ol_coeff) if spec.ol else 0.0
     return Setup(spec, task, model, lr_fn, tx, pattern, eps, ol_coeff)
+
+
+# Only the learning rate is injected; every other argument of pre_svd_sgd stays a Python
+# value: inject_hyperparams would take a callable selection for a schedule, and static
+# momentum/weight decay keep the optimizer state (and the checkpoints) to the one
+# scheduled value.
+_STATIC_ARGS = tuple(n for n in inspect.signature(pre_svd_sgd).parameters
+                     if n != "learning_rate")
+
+
+def create_optimizer(config: Any, spec: MethodSpec, learning_rate_fn: optax.Schedule,
+                     pattern: str) -> optax.GradientTransformation:
+    """``optax.inject_hyperparams(pre_svd_sgd)`` with the learning-rate schedule injected.
+
+    Args:
+        config: reads momentum, weight_decay.
+        spec: parsed method (nog, olr).
+        learning_rate_fn: the schedule (evaluated by inject_hyperparams at its update count).
+        pattern: regex of the Pre-SVD parameter.
+
+    Returns:
+        The optimizer; :func:`learning_rate` reads the applied rate from its state and
+        :func:`svdcond_jax.find_olr_eta` finds OLR's eta inside it.
+    """
+    return optax.inject_hyperparams(pre_svd_sgd, static_args=_STATIC_ARGS)(
+        learning_rate_fn, pattern, momentum=float(config.momentum),
+        weight_decay=float(config.weight_decay), nog=spec.nog, olr=spec.olr)
+
+
+def learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate of the last update (before any: the first one) from the state.
+
+    A skipped (non-finite) step keeps the old optimizer state, so this is the rate the
+    optimizer last applied; the schedule advances with the applied updates.
+    """
+    return opt_state.hyperparams["learning_rate"]
+
+
+def pre_inject_layout(config: Any, setup: Setup, arrays: dict[str, Any]
+                      ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """Checkpoint layout of the earlier optimizer (no inject_hyperparams) and its conversion.
+
+    Checkpoints written before the optimizer was wrapped hold ``opt_state`` = the state of
+    ``pre_svd_sgd(schedule, ...)`` (which also keeps a schedule count). Every leaf of the
+    wrapped optimizer's inner state is taken from the leaf at the same tree path there; the
+    wrapper's count is the number of applied updates, ``step - svd_failures`` (a skipped
+    step keeps the optimizer state), and its learning rate the schedule's value at the last
+    of them.
+
+    Args:
+        config: reads momentum, weight_decay.
+        setup: the run's setup (schedule, Pre-SVD pattern, method).
+        arrays: the current saved arrays (``checkpointing.state_arrays``), the target.
+
+    Returns:
+        (target in the earlier layout, function converting a restored tree to ``arrays``').
+    """
+    earlier_tx = pre_svd_sgd(setup.learning_rate_fn, setup.pre_svd_pattern,
+                             momentum=float(config.momentum),
+                             weight_decay=float(config.weight_decay), nog=setup.spec.nog,
+                             olr=setup.spec.olr)
+    wrapped = arrays["opt_state"]
+    earlier = {**arrays, "opt_state": earlier_tx.init(arrays["params"])}
+
+    def convert(tree: dict[str, Any]) -> dict[str, Any]:
+        old = {jax.tree_util.keystr(p): x
+               for p, x in jax.tree_util.tree_leaves_with_path(tree["opt_state"])}
+        inner = jax.tree_util.tree_map_with_path(
+            lambda p, _: old[jax.tree_util.keystr(p)], wrapped.inner_state)
+        # One new array per leaf: a state whose leaves share a buffer cannot be donated to
+        # the compiled step (XLA would receive the same buffer twice).
+        def count() -> jax.Array:
+            return jnp.array(tree["step"] - tree["svd_failures"], wrapped.count.dtype)
+
+        lr = setup.learning_rate_fn(jnp.maximum(count() - 1, 0))
+        hyper = {"learning_rate": jnp.array(lr, learning_rate(wrapped).dtype)}
+        states = jax.tree_util.tree_map(lambda _: count(), wrapped.hyperparams_states)
+        opt_state = wrapped._replace(count=count(), hyperparams=hyper,
+                                     hyperparams_states=states, inner_state=inner)
+        return {**tree, "opt_state": opt_state}
+
+    return earlier, convert
 
 
 def find_param(params: Any, pattern: str) -> jax.Array:

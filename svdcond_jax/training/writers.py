@@ -1,18 +1,29 @@
 """Metric outputs of a run: ``metrics.jsonl`` (the contract's schema) and TensorBoard.
 
-Every record is one JSON object per line with ``"step"`` (int) and ``"kind"`` in
-{"train", "eval", "conditioning", "summary"}; the same scalars go to TensorBoard through
+Every record is one JSON object per line with ``"step"`` (int), ``"kind"`` in
+{"train", "eval", "conditioning", "summary"} and ``"seq"`` (int): the record's position in
+the run's history, 0, 1, 2, ... across resumes. The same scalars go to TensorBoard through
 ``clu.metric_writers`` as ``<kind>/<name>``. Only process 0 writes.
+
+History completeness: a run's summary is computed from the file, so a file that lost
+records (deleted or edited mid-run or after it finished) would give a summary from partial
+history. :func:`history_problem` compares the ``seq`` values with the number of records the
+run wrote (the writer's :attr:`MetricsWriter.count`, carried across resumes through the
+checkpoints); records written by an earlier version have no ``seq`` and count by position.
 
 Example:
     >>> import tempfile
-    >>> from svdcond_jax.training.writers import MetricsWriter, read_metrics
+    >>> from svdcond_jax.training.writers import MetricsWriter, history_problem, read_metrics
     >>> d = tempfile.mkdtemp()
     >>> w = MetricsWriter(d, tensorboard=False)
     >>> _ = w.write(3, "train", {"loss": 1.0})
     >>> w.close()
     >>> read_metrics(d)
-    [{'step': 3, 'kind': 'train', 'loss': 1.0}]
+    [{'step': 3, 'kind': 'train', 'seq': 0, 'loss': 1.0}]
+    >>> history_problem(read_metrics(d), w.count) is None
+    True
+    >>> history_problem(read_metrics(d), 3)
+    'metrics.jsonl holds 1 of the 3 records this run wrote: 2 missing (seq 1-2)'
 """
 
 from __future__ import annotations
@@ -61,20 +72,88 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
     return [r for r in records if kind is None or r["kind"] == kind]
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
-    """Keeps only records with ``step <= last_step`` (and no summary): resume from there."""
-    records = [r for r in read_metrics(workdir)
-               if r["step"] <= last_step and r["kind"] != "summary"]
-    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+def truncate_metrics(workdir: str, last_step: int, *, keep_records: int | None = None
+                     ) -> list[dict[str, Any]]:
+    """Keeps the records written before a checkpoint (no summary): resume from there.
+
+    The file is replaced atomically (a kill during the rewrite leaves the old file).
+
+    Args:
+        workdir: the run's directory.
+        last_step: the checkpoint's step (-1: keep nothing); records after it go.
+        keep_records: the number of records written before the checkpoint (its record
+            count); records with a ``seq`` at or past it go too. None: by step only.
+
+    Returns:
+        The records kept.
+    """
+    records = [r for i, r in enumerate(read_metrics(workdir))
+               if r["step"] <= last_step and r["kind"] != "summary"
+               and (keep_records is None or r.get("seq", i) < keep_records)]
+    path = os.path.join(workdir, METRICS_FILE)
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return records
+
+
+def _ranges(values: list[int]) -> str:
+    """'0-17, 20, 25-26' for sorted ints."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def history_problem(records: list[dict[str, Any]], expected: int) -> str | None:
+    """What is wrong with a run's history, or None when it is whole.
+
+    Args:
+        records: the records read back (``read_metrics``), summary excluded.
+        expected: how many records the run wrote (``seq`` 0 .. expected - 1).
+
+    Returns:
+        None if the records are exactly seq 0 .. expected - 1 in order; otherwise a
+        sentence saying how many are missing (and which) or duplicated.
+    """
+    seqs = [r.get("seq", i) for i, r in enumerate(records)]
+    if seqs == list(range(expected)):
+        return None
+    present = set(seqs)
+    missing = sorted(set(range(expected)) - present)
+    text = f"{METRICS_FILE} holds {len(records)} of the {expected} records this run wrote"
+    details = []
+    if missing:
+        details.append(f"{len(missing)} missing (seq {_ranges(missing)})")
+    if len(seqs) != len(present):
+        details.append(f"{len(seqs) - len(present)} duplicated (another writer?)")
+    unknown = sorted(s for s in present if not 0 <= s < expected)
+    if unknown:
+        details.append(f"{len(unknown)} not written by this run (seq {_ranges(unknown)})")
+    if not details:
+        details.append("out of order")
+    return f"{text}: {'; '.join(details)}"
 
 
 class MetricsWriter:
     """Appends records to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
-        """Opens the writers (process 0 only; other processes write nothing)."""
+    def __init__(self, workdir: str, *, tensorboard: bool = True, first_seq: int = 0) -> None:
+        """Opens the writers (process 0 only; other processes write nothing).
+
+        Args:
+            workdir: the run's directory.
+            tensorboard: mirror scalars to ``workdir/tensorboard``.
+            first_seq: ``seq`` of the first record (records already in the run's history).
+        """
         self.enabled = jax.process_index() == 0
+        self.count = int(first_seq)  # seq of the next record = records in the history
         self._path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if self.enabled:
@@ -88,14 +167,16 @@ class MetricsWriter:
         """Writes one record; returns it (as written)."""
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}; valid: {KINDS}")
-        record = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
+        record = {"step": int(step), "kind": kind, "seq": self.count,
+                  **{k: _plain(v) for k, v in values.items()}}
+        self.count += 1
         if not self.enabled:
             return record
         with open(self._path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             scalars = {f"{kind}/{k}": float(v) for k, v in record.items()
-                       if k not in ("step", "kind") and isinstance(v, (int, float))}
+                       if k not in ("step", "kind", "seq") and isinstance(v, (int, float))}
             if scalars:
                 self._tb.write_scalars(int(step), scalars)
         return record

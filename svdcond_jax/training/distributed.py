@@ -1,0 +1,135 @@
+"""Several processes (hosts) on ``jax.distributed``: who coordinates, how many, which one.
+
+Every entry point calls :func:`initialize` first, with its ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` flags (``None`` when not given). Flags win over the
+environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID``; with none of the six set, the program stays one process. A partial or
+inconsistent specification raises ``ValueError`` naming what is missing or wrong, and a
+successful call is checked (``jax.process_count()`` must equal the requested count), so a
+run never falls back to one process silently. On a CPU backend, cross-process collectives
+need an implementation; gloo (shipped with jaxlib) is selected unless the user chose one.
+
+Example:
+    >>> from svdcond_jax.training.distributed import resolve
+    >>> resolve(env={}) is None  # nothing given: one process
+    True
+    >>> resolve("127.0.0.1:1234", 2, 1, env={})
+    DistributedSpec(coordinator_address='127.0.0.1:1234', num_processes=2, process_id=1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """A complete multi-process specification."""
+
+    coordinator_address: str  # "host:port" of process 0's coordination service
+    num_processes: int  # total number of processes (>= 2)
+    process_id: int  # this process, 0 <= process_id < num_processes
+
+
+def _as_int(name: str, value: int | str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer; got {name}={value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer; got {name}={value!r}") from None
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | str | None = None,
+            process_id: int | str | None = None, *, env: Mapping[str, str] | None = None
+            ) -> DistributedSpec | None:
+    """Merges flags with the environment into a :class:`DistributedSpec`, or None.
+
+    Args:
+        coordinator_address: "host:port" (flag), else ``JAX_COORDINATOR_ADDRESS``.
+        num_processes: process count (flag), else ``JAX_NUM_PROCESSES``.
+        process_id: this process's index (flag), else ``JAX_PROCESS_ID``.
+        env: the environment to read (default ``os.environ``).
+
+    Returns:
+        None for a single process (nothing given, or ``num_processes == 1`` alone), else the
+        spec.
+
+    Raises:
+        ValueError: a partial specification (e.g. a coordinator but no process id), a
+            malformed address, ``num_processes < 1`` or ``process_id`` out of range.
+    """
+    env = os.environ if env is None else env
+    address = coordinator_address or env.get(ENV_COORDINATOR) or None
+    count = _as_int("num_processes", num_processes if num_processes is not None
+                    else env.get(ENV_NUM_PROCESSES))
+    index = _as_int("process_id", process_id if process_id is not None
+                    else env.get(ENV_PROCESS_ID))
+    if count is not None and count < 1:
+        raise ValueError(f"num_processes must be >= 1; got num_processes={count}")
+    if address is None and index is None and count in (None, 1):
+        return None
+    missing = [name for name, value in (("coordinator_address", address),
+                                        ("num_processes", count), ("process_id", index))
+               if value is None]
+    if missing:
+        raise ValueError(
+            f"incomplete multi-process specification: {', '.join(missing)} missing (got "
+            f"coordinator_address={address!r}, num_processes={count!r}, "
+            f"process_id={index!r}). Give all three, as flags (--coordinator_address, "
+            f"--num_processes, --process_id) or as {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and "
+            f"{ENV_PROCESS_ID}, or none of them for one process.")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"coordinator_address must be 'host:port'; got {address!r}")
+    if not 0 <= index < count:
+        raise ValueError(f"process_id must be in [0, num_processes); got process_id={index}, "
+                         f"num_processes={count}")
+    return DistributedSpec(address, count, index)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | str | None = None,
+               process_id: int | str | None = None, *, timeout_s: int = 300
+               ) -> DistributedSpec | None:
+    """Connects this process to the others (``jax.distributed.initialize``) when asked to.
+
+    Call it before any other jax call that touches devices. See :func:`resolve` for how
+    flags and environment combine. A second call with the same spec is a no-op.
+
+    Args:
+        coordinator_address: "host:port" of process 0, or None (environment).
+        num_processes: total process count, or None (environment).
+        process_id: this process's index, or None (environment).
+        timeout_s: how long to wait for the other processes.
+
+    Returns:
+        The spec, or None when running as one process.
+
+    Raises:
+        ValueError: see :func:`resolve`.
+        RuntimeError: jax reports a process count other than the requested one.
+    """
+    spec = resolve(coordinator_address, num_processes, process_id)
+    if spec is None:
+        return None
+    if not jax.distributed.is_initialized():
+        if not jax.config.jax_cpu_collectives_implementation:
+            # CPU devices of different processes talk through gloo; harmless on accelerators.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(spec.coordinator_address, spec.num_processes,
+                                   spec.process_id, initialization_timeout=timeout_s)
+    if jax.process_count() != spec.num_processes or jax.process_index() != spec.process_id:
+        raise RuntimeError(
+            f"jax.distributed reports process {jax.process_index()} of {jax.process_count()}, "
+            f"but process {spec.process_id} of {spec.num_processes} was requested")
+    return spec
