@@ -25,19 +25,22 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import matplotlib
+from absl import flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import flags as exp_flags  # noqa: E402
 from experiments import tables  # noqa: E402
 
 
@@ -249,20 +252,27 @@ def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve], title: str | None) -> 
         ax_rank.set_ylim(0, max(dims) * 1.25)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: plot every run of a sweep directory."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("workdir", help="sweep directory holding <method>/seed<k>/metrics.jsonl")
-    parser.add_argument("--out", default=None,
-                        help="PNG path (default: <workdir>/conditioning.png)")
-    parser.add_argument("--methods", default=None, help="comma-separated subset, in order")
-    parser.add_argument("--title", default=None)
-    args = parser.parse_args(argv)
-    methods = args.methods.split(",") if args.methods else None
-    runs = tables.collect_runs(args.workdir, methods)
-    out = args.out or Path(args.workdir) / "conditioning.png"
-    print(plot_conditioning(runs, out, title=args.title))
+def main(argv: Sequence[str] | None = None) -> Path:
+    """CLI: plot every run of a sweep directory; returns the PNG's path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = exp_flags.new_flag_values()
+    flags.DEFINE_string("workdir", None, "sweep directory holding "
+                        "<method>/seed<k>/metrics.jsonl", flag_values=fv)
+    flags.DEFINE_string("out", None, "PNG path (default: <workdir>/conditioning.png)",
+                        flag_values=fv)
+    flags.DEFINE_list("methods", None, "subset, in order", flag_values=fv)
+    flags.DEFINE_string("title", None, "figure title", flag_values=fv)
+    exp_flags.parse(fv, argv)
+    if not fv.workdir:
+        raise SystemExit("error: --workdir is required")
+    exp_flags.initialize_distributed(fv)
+    runs = tables.collect_runs(fv.workdir, fv.methods or None)
+    out = Path(fv.out or Path(fv.workdir) / "conditioning.png")
+    if jax.process_index() == 0:
+        plot_conditioning(runs, out, title=fv.title)
+        print(out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    exp_flags.run_app(main)

@@ -300,9 +300,12 @@ def define_flags(argv: Sequence[str], *, config_default: str | None = None
       config_default: default of `--config` (None: required).
     """
     fv = exp_flags.new_flag_values()
-    config_flags.DEFINE_config_file(
-        "config", config_default, "config file, optionally path.py:arg; override fields "
-        "with --config.<field>=value", flag_values=fv, sys_argv=list(argv))
+    try:  # config_flags reads --config.<field> names here: an unknown field raises now
+        config_flags.DEFINE_config_file(
+            "config", config_default, "config file, optionally path.py:arg; override "
+            "fields with --config.<field>=value", flag_values=fv, sys_argv=list(argv))
+    except (AttributeError, KeyError) as err:
+        raise SystemExit(f"error: the config has no field {err}") from None
     flags.DEFINE_list("methods", None, "methods (default: the config's METHODS)",
                       flag_values=fv)
     flags.DEFINE_list("seeds", None, "seeds (default: the config's SEEDS, else 0)",

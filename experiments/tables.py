@@ -353,7 +353,7 @@ def _fmt_versus(r: Mapping[str, Any]) -> str:
     diff, beyond = r.get("vs_svd_diff"), r.get("vs_svd_beyond_spread")
     if diff is None:
         return "–"
-    verdict = {True: "yes", False: "no", None: "n/a (1 seed)"}[beyond]
+    verdict = {True: "yes", False: "no", None: "n/a, 1 seed"}[beyond]
     return f"{diff:+.2f} ({verdict})"
 
 

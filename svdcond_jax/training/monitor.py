@@ -142,10 +142,17 @@ def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
 
 
 def format_kappa(record: dict[str, Any]) -> str:
-    """Short progress-bar text: kappa_eps, and the raw one or "singular(rank r/d)"."""
+    """Short progress-bar text of a conditioning record.
+
+    kappa_eps ("sing" if singular), then the raw kappa, or "sing(r<rank>/<dim>)" followed
+    by "nz<kappa on the non-zero spectrum>".
+    """
     if record.get("finite") is False:
         return "non-finite"
     raw = (f"sing(r{record['rank']}/{record['dim']})" if record["singular"]
            or record.get("kappa_raw") is None else f"{record['kappa_raw']:.1e}")
-    eps = record.get("kappa_eps")
-    return f"{'sing' if eps is None else f'{eps:.1e}'}|{raw}"
+    eps, nonzero = record.get("kappa_eps"), record.get("kappa_nonzero")
+    text = f"{'sing' if eps is None else f'{eps:.1e}'}|{raw}"
+    if record["singular"] and nonzero is not None:
+        text += f"|nz{nonzero:.1e}"
+    return text
