@@ -199,7 +199,7 @@ def plot_conditioning(
     if not cs:
         raise ValueError("no run has 'conditioning' records to plot")
     fig, (ax, ax_nz, ax_rank) = plt.subplots(
-        3, 1, figsize=(11.0, 9.5), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.6]},
+        3, 1, figsize=(10.0, 10.5), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.6]},
         layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
@@ -215,8 +215,11 @@ def plot_conditioning(
         offset = 0.08 * (i - (len(cs) - 1) / 2)
         ax_rank.plot(c.steps, c.rank + offset, drawstyle="steps-post",
                      **{**style, "marker": None})
-    _finish_axes(ax, ax_nz, ax_rank, cs, title)
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    _finish_axes(ax, ax_nz, ax_rank, cs)
+    fig.suptitle(title or "Covariance conditioning of the Pre-SVD features (float64)",
+                 fontsize=11)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8,
+               frameon=False)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
@@ -229,23 +232,27 @@ def _log_axis(ax: Any, cs: Sequence[Curve], attrs: Sequence[str]) -> None:
         ax.set_yscale("log")
 
 
-def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve], title: str | None) -> None:
+def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve]) -> None:
     seeds = max(c.num_seeds for c in cs)
-    band = " (line: median over seeds, band: min..max)" if seeds > 1 else ""
+    band = "; line: median over seeds, band: min..max" if seeds > 1 else ""
     _log_axis(ax, cs, ["kappa_eps"])
     ax.set_ylabel("κ(P + εI)")
-    ax.set_title((title or "Covariance conditioning of the Pre-SVD features (float64)")
-                 + band, fontsize=10)
+    ax.set_title(f"κ(P + εI), the matrix the meta-layer decomposes (float64){band}",
+                 fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
     _log_axis(ax_nz, cs, ["kappa_nonzero"])
-    ax_nz.set_ylabel("κ on the non-zero spectrum\n(= raw κ(P) if P non-singular)")
+    ax_nz.set_ylabel("κ on the non-zero spectrum")
+    ax_nz.set_title("λ_max / smallest eigenvalue above the numerical-rank threshold "
+                    "(= raw κ(P) when P is non-singular)", fontsize=9)
     ax_nz.grid(True, which="major", alpha=0.3)
     dims = {c.dim for c in cs if c.dim is not None}
     for d in dims:
         ax_rank.axhline(d, color="gray", ls=":", lw=1.0)
         ax_rank.annotate(f"dim = {d}", (1.0, d), xycoords=("axes fraction", "data"),
                          ha="right", va="bottom", fontsize=7, color="gray")
-    ax_rank.set_ylabel("raw P: numerical rank\n(below dim: singular)")
+    ax_rank.set_ylabel("numerical rank")
+    ax_rank.set_title("raw covariance P: numerical rank vs size (below the dotted line: "
+                      "P singular; small offsets separate equal ranks)", fontsize=9)
     ax_rank.set_xlabel("training step")
     ax_rank.grid(True, alpha=0.3)
     if dims:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -276,7 +275,19 @@ def create_train_state(rng: jax.Array, setup: Setup, image_shape: tuple[int, int
                              svd_failures=jnp.zeros((), jnp.int32))
 
 
-@functools.lru_cache(maxsize=16)
+_INIT_FNS: collections.OrderedDict[tuple[int, tuple[int, ...]], tuple[nn.Module, Callable]] = (
+    collections.OrderedDict())
+
+
 def _init_fn(model: nn.Module, image_shape: tuple[int, ...]) -> Callable[[jax.Array], Any]:
-    """The jitted ``model.init`` (one per cached model: seeds of a sweep reuse it)."""
-    return jax.jit(lambda k: model.init(k, jnp.zeros((2, *image_shape)), train=False))
+    """The jitted ``model.init`` (one per model object: seeds of a sweep share the cached
+    setup's model, so they reuse it). Keyed by identity: a module with a dict attribute
+    (``meta_kwargs``) is not hashable."""
+    key = (id(model), image_shape)
+    entry = _INIT_FNS.get(key)
+    if entry is None or entry[0] is not model:
+        fn = jax.jit(lambda k: model.init(k, jnp.zeros((2, *image_shape)), train=False))
+        entry = _INIT_FNS[key] = (model, fn)
+        while len(_INIT_FNS) > _SETUP_CACHE_SIZE:
+            _INIT_FNS.popitem(last=False)
+    return entry[1]
