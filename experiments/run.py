@@ -71,18 +71,6 @@ def load_config_module(path: str | Path) -> ModuleType:
     return module
 
 
-def load_config(spec: str, *, quick: bool = False) -> tuple[ml_collections.ConfigDict, ModuleType]:
-    """Loads `path.py` or `path.py:arg` (big_vision style); `quick` forces arg "runlocal".
-
-    Returns:
-      The config and its module (for METHODS / SEEDS / PAPER).
-    """
-    path, _, arg = spec.partition(":")
-    module = load_config_module(path)
-    arg = "runlocal" if quick else (arg or None)
-    return module.get_config(arg), module
-
-
 def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     """Sets a (dotted) field that the config already has.
 
