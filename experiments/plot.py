@@ -236,6 +236,11 @@ def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve]) -> None:
     seeds = max(c.num_seeds for c in cs)
     band = "; line: median over seeds, band: min..max" if seeds > 1 else ""
     _log_axis(ax, cs, ["kappa_eps"])
+    if not any(np.isfinite(c.kappa_eps).any() for c in cs):  # GCP: eps = 0, P singular
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no finite κ(P + εI): ε = 0 and P is singular at every step\n"
+                "(κ on the non-zero spectrum and the rank are below)", ha="center",
+                va="center", transform=ax.transAxes, fontsize=10, color="gray")
     ax.set_ylabel("κ(P + εI)")
     ax.set_title(f"κ(P + εI), the matrix the meta-layer decomposes (float64){band}",
                  fontsize=9)
