@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from svdcond_jax.training import runtime
 
     settings = runtime.configure()
+    # Kept on argparse (not absl.flags): a one-process micro-benchmark, no config file.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1x64x64,256x256x256",
                         help="comma-separated BxDxD shapes (default: the paper's)")

@@ -115,6 +115,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Builds, traces, prints the summary; returns it (also as JSON with ``--json``)."""
+    # Kept on argparse (not absl.flags): a one-process profiler run, no config file.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--column", choices=("ours", "flax"), default="ours")
     parser.add_argument("--method", default="svd")

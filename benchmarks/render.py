@@ -130,6 +130,7 @@ def render(reports: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Reads results files, prints or writes the Markdown section; returns it."""
+    # Kept on argparse (not absl.flags): a positional input file, no config, no jax.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", help="results JSON files of benchmarks.suite")
     parser.add_argument("--out", default=None, help="write here instead of stdout")

@@ -236,6 +236,9 @@ def _cpu_name() -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The benchmark's flags."""
+    # Kept on argparse (not absl.flags): benchmarks/suite.py builds this Namespace from
+    # Python (parse_args([...])) and the per-column worker command lines are forwarded as
+    # argparse options; no config file, one process.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                         default=list(DEFAULT_METHODS))

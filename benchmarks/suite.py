@@ -207,6 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The suite's flags (defaults: the GPU run)."""
     from experiments.step_timing import TABLE6_METHODS
 
+    # Kept on argparse (not absl.flags): composes step_vs_torch's argparse Namespaces; no
+    # config file, one process.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="results directory")
     parser.add_argument("--name", default=None,

@@ -151,6 +151,8 @@ def serve(args: argparse.Namespace, inp: TextIO, out: TextIO) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The worker's flags."""
+    # Kept on argparse (not absl.flags): a subprocess speaking a line protocol, started by
+    # step_vs_torch with these options (also under PyTorch, which needs no absl).
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--column", choices=COLUMNS, required=True)
     parser.add_argument("--method", default="bn")

@@ -1,16 +1,22 @@
 """Conditioning curves per method (log-scale kappa vs step), like the paper's Figs. 1-5.
 
-The main panel is kappa(P + eps*I), the condition number (Eq. 1) of the matrix the
-meta-layer actually decomposes, read in float64 from the run's "conditioning" records.
-The raw covariance P is often singular (a 3x3 stem from C_in channels has rank at most
-9*C_in; a GCP covariance from 49 samples has rank <= 49 < 256; docs/conditioning.md),
-so its float64 kappa (~1e15-1e16) is not a number worth drawing. The second panel draws
-raw kappa(P) only at steps where P is non-singular and marks singular steps with "x"
-along its top edge (legend: "raw P singular, rank r/d"); the third shows the numerical
-rank against the matrix size.
+Three panels, each per method with its own colour, line style and marker (methods whose
+curves coincide stay visible), one legend outside the axes:
+
+1. kappa(P + eps*I), the condition number (Eq. 1) of the matrix the meta-layer actually
+   decomposes, read in float64 from the run's "conditioning" records: median over seeds,
+   band = min..max over seeds.
+2. kappa on the non-zero spectrum: lambda_max over the smallest eigenvalue above the
+   numerical-rank threshold (``kappa_nonzero`` of svdcond_jax.training.monitor). The raw
+   covariance P is often singular (a 3x3 stem from C_in channels has rank at most 9*C_in;
+   a GCP covariance from 49 samples has rank <= 49 < 256; docs/conditioning.md), and its
+   float64 kappa is then not a number; this one is, and equals raw kappa(P) when P is
+   non-singular. Same median and band.
+3. The raw covariance's state: its numerical rank against its size (dotted); below the
+   dotted line P is singular. No kappa is drawn there.
 
 Usage:
-    python -m experiments.plot runs/demo --out runs/demo/conditioning.png
+    python -m experiments.plot --workdir runs/demo [--out runs/demo/conditioning.png]
 
 Example:
     >>> from experiments import tables                            # doctest: +SKIP
@@ -19,20 +25,22 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import matplotlib
+from absl import flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.transforms  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import flags as exp_flags  # noqa: E402
 from experiments import tables  # noqa: E402
 
 
@@ -46,10 +54,14 @@ class Curve:
       kappa_eps: (T,) median over seeds of kappa(P + eps*I).
       kappa_eps_lo: (T,) minimum over seeds.
       kappa_eps_hi: (T,) maximum over seeds.
+      kappa_nonzero: (T,) median over seeds of kappa on the non-zero spectrum.
+      kappa_nonzero_lo: (T,) minimum over seeds.
+      kappa_nonzero_hi: (T,) maximum over seeds.
       kappa_raw: (T,) median raw kappa where no seed is singular, NaN elsewhere.
       singular: (T,) True where any seed's raw covariance is singular.
       rank: (T,) median numerical rank over seeds (NaN if not logged).
       dim: the matrix size (None if not logged).
+      num_seeds: how many runs the curve aggregates.
     """
 
     method: str
@@ -57,24 +69,39 @@ class Curve:
     kappa_eps: np.ndarray
     kappa_eps_lo: np.ndarray
     kappa_eps_hi: np.ndarray
+    kappa_nonzero: np.ndarray
+    kappa_nonzero_lo: np.ndarray
+    kappa_nonzero_hi: np.ndarray
     kappa_raw: np.ndarray
     singular: np.ndarray
     rank: np.ndarray
     dim: int | None
+    num_seeds: int = 1
 
 
 def _num(value: Any) -> float:
-    """A finite or infinite float from a JSON value; NaN for null / non-numbers."""
+    """A finite float from a JSON value; NaN for null / non-numbers / the 1/eps cap."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return math.nan
-    return float(value)
+    value = float(value)
+    return value if math.isfinite(value) and value < tables.KAPPA_CAP else math.nan
 
 
 def _is_singular(record: dict[str, Any]) -> bool:
-    if "singular" in record:
+    if record.get("singular") is not None:
         return bool(record["singular"])
-    raw = _num(record.get("kappa_raw"))
-    return not math.isfinite(raw) or raw >= 1.0 / np.finfo(np.float64).eps
+    return math.isnan(_num(record.get("kappa_raw")))
+
+
+def _med_lo_hi(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, ...]:
+    """Per-step median, min and max over seeds, ignoring NaN (NaN where all are)."""
+    out = [], [], []
+    for v in values:
+        v = np.asarray(v, dtype=float)
+        ok = v[np.isfinite(v)]
+        for arr, fn in zip(out, (np.median, np.min, np.max), strict=True):
+            arr.append(float(fn(ok)) if ok.size else math.nan)
+    return tuple(np.array(a) for a in out)
 
 
 def curve(method: str, runs: Sequence[tables.Run]) -> Curve | None:
@@ -94,24 +121,21 @@ def curve(method: str, runs: Sequence[tables.Run]) -> Curve | None:
     if not by_step:
         return None
     steps = np.array(sorted(by_step))
-    eps_vals = [[_num(r.get("kappa_eps")) for r in by_step[s]] for s in steps]
-    med = lambda vals: float(np.nanmedian(vals)) if np.isfinite(vals).any() else math.nan
+    column = lambda key: [[_num(r.get(key)) for r in by_step[s]] for s in steps]
+    eps, eps_lo, eps_hi = _med_lo_hi(column("kappa_eps"))
+    nz, nz_lo, nz_hi = _med_lo_hi(column("kappa_nonzero"))
     singular = np.array([any(_is_singular(r) for r in by_step[s]) for s in steps])
-    raw = np.array([med([_num(r.get("kappa_raw")) for r in by_step[s]]) for s in steps])
+    raw = _med_lo_hi(column("kappa_raw"))[0]
     raw[singular] = math.nan
     dims = [r.get("dim") for s in steps for r in by_step[s] if r.get("dim") is not None]
     return Curve(
-        method=method,
-        steps=steps,
-        kappa_eps=np.array([med(v) for v in eps_vals]),
-        kappa_eps_lo=np.array([np.nanmin(v) if np.isfinite(v).any() else np.nan
-                               for v in eps_vals]),
-        kappa_eps_hi=np.array([np.nanmax(v) if np.isfinite(v).any() else np.nan
-                               for v in eps_vals]),
-        kappa_raw=raw,
-        singular=singular,
-        rank=np.array([med([_num(r.get("rank")) for r in by_step[s]]) for s in steps]),
+        method=method, steps=steps,
+        kappa_eps=eps, kappa_eps_lo=eps_lo, kappa_eps_hi=eps_hi,
+        kappa_nonzero=nz, kappa_nonzero_lo=nz_lo, kappa_nonzero_hi=nz_hi,
+        kappa_raw=raw, singular=singular,
+        rank=_med_lo_hi(column("rank"))[0],
         dim=int(dims[-1]) if dims else None,
+        num_seeds=len(runs),
     )
 
 
@@ -125,26 +149,40 @@ def curves(runs: Sequence[tables.Run]) -> list[Curve]:
 
 
 def _label(c: Curve) -> str:
-    """Legend text: the method, and the raw covariance's status (singular, rank r/d)."""
+    """Legend text: the method, its seed count, and the raw covariance's status."""
+    seeds = f", {c.num_seeds} seeds" if c.num_seeds > 1 else ""
     if not c.singular.any():
-        return c.method
+        return f"{c.method}{seeds}"
     share = c.singular.mean()
     finite_rank = c.rank[np.isfinite(c.rank)]
     rank = f"rank {int(finite_rank[-1])}/{c.dim}" if finite_rank.size and c.dim else "rank<dim"
     where = "" if share >= 0.995 else f" at {100 * share:.0f}% of steps"
-    return f"{c.method} (raw P singular{where}, {rank})"
+    return f"{c.method}{seeds} (raw P singular{where}, {rank})"
+
+
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
+
+def _style(i: int, color: str, n_points: int) -> dict[str, Any]:
+    """Colour, line style and marker of the i-th method (coinciding curves stay visible)."""
+    return {"color": color, "ls": _STYLES[i % len(_STYLES)], "marker": _MARKERS[i % len(
+        _MARKERS)], "markevery": max(n_points // 8, 1), "ms": 4.5, "mfc": "none", "lw": 1.4}
+
+
+def _band(ax: Any, c: Curve, lo: np.ndarray, hi: np.ndarray, color: str) -> None:
+    if c.num_seeds > 1 and not np.allclose(lo, hi, equal_nan=True):
+        ax.fill_between(c.steps, lo, hi, color=color, alpha=0.12, lw=0)
 
 
 def plot_conditioning(
     runs: Sequence[tables.Run], out_path: str | Path, *, title: str | None = None
 ) -> Path:
-    """Draws kappa(P + eps*I) and raw kappa(P) vs step per method (log scale), and the rank.
+    """Draws kappa(P + eps*I), kappa on the non-zero spectrum and the rank of P vs step.
 
-    Panel 1: median over seeds of kappa(P + eps*I) (band = min..max over seeds), the
-    matrix the meta-layer decomposes. Panel 2: raw kappa(P), drawn only at steps where P is
-    non-singular; singular steps are marked "x" along the panel's top edge instead of a
-    meaningless ~1e15 line, and the legend gives the rank. Panel 3: numerical rank of P per
-    method against the matrix size (dotted).
+    See the module docstring for the panels. Bands are min..max over seeds; the legend
+    (one for all panels, right of the axes) names each method, its seed count and whether
+    its raw covariance was singular (rank r/d).
 
     Args:
       runs: runs from `tables.collect_runs` (several methods, several seeds).
@@ -160,72 +198,93 @@ def plot_conditioning(
     cs = curves(runs)
     if not cs:
         raise ValueError("no run has 'conditioning' records to plot")
-    fig, (ax, ax_raw, ax_rank) = plt.subplots(
-        3, 1, figsize=(8.0, 9.0), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.2]}
-    )
+    fig, (ax, ax_nz, ax_rank) = plt.subplots(
+        3, 1, figsize=(10.0, 10.5), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.6]},
+        layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    top = matplotlib.transforms.blended_transform_factory(ax_raw.transData, ax_raw.transAxes)
+    handles = []
     for i, c in enumerate(cs):
         color = colors[i % len(colors)]
-        ax.plot(c.steps, c.kappa_eps, color=color, lw=1.6, label=c.method)
-        if not np.allclose(c.kappa_eps_lo, c.kappa_eps_hi, equal_nan=True):
-            ax.fill_between(c.steps, c.kappa_eps_lo, c.kappa_eps_hi, color=color, alpha=0.15)
-        ax_raw.plot(c.steps, c.kappa_raw, color=color, lw=1.3, label=_label(c))
-        if c.singular.any():
-            y = np.full(int(c.singular.sum()), 0.97 - 0.03 * i)
-            ax_raw.plot(c.steps[c.singular], y, "x", color=color, ms=4, transform=top)
-        ax_rank.plot(c.steps, c.rank, color=color, lw=1.2, drawstyle="steps-post")
-    _finish_axes(ax, ax_raw, ax_rank, cs, title)
+        style = _style(i, color, len(c.steps))
+        (h,) = ax.plot(c.steps, c.kappa_eps, label=_label(c), **style)
+        handles.append(h)
+        _band(ax, c, c.kappa_eps_lo, c.kappa_eps_hi, color)
+        ax_nz.plot(c.steps, c.kappa_nonzero, **style)
+        _band(ax_nz, c, c.kappa_nonzero_lo, c.kappa_nonzero_hi, color)
+        # ranks are small integers that often coincide: a small offset keeps each visible
+        offset = 0.08 * (i - (len(cs) - 1) / 2)
+        ax_rank.plot(c.steps, c.rank + offset, drawstyle="steps-post",
+                     **{**style, "marker": None})
+    _finish_axes(ax, ax_nz, ax_rank, cs)
+    fig.suptitle(title or "Covariance conditioning of the Pre-SVD features (float64)",
+                 fontsize=11)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8,
+               frameon=False)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
 
 
-def _finish_axes(ax, ax_raw, ax_rank, cs: Sequence[Curve], title: str | None) -> None:
-    ax.set_yscale("log")
+def _log_axis(ax: Any, cs: Sequence[Curve], attrs: Sequence[str]) -> None:
+    if any(np.isfinite(getattr(c, a)).any() for c in cs for a in attrs):
+        ax.set_yscale("log")
+
+
+def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve]) -> None:
+    seeds = max(c.num_seeds for c in cs)
+    band = "; line: median over seeds, band: min..max" if seeds > 1 else ""
+    _log_axis(ax, cs, ["kappa_eps"])
+    if not any(np.isfinite(c.kappa_eps).any() for c in cs):  # GCP: eps = 0, P singular
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no finite κ(P + εI): ε = 0 and P is singular at every step\n"
+                "(κ on the non-zero spectrum and the rank are below)", ha="center",
+                va="center", transform=ax.transAxes, fontsize=10, color="gray")
     ax.set_ylabel("κ(P + εI)")
-    ax.set_title(title or "Covariance conditioning of the Pre-SVD features (float64)")
+    ax.set_title(f"κ(P + εI), the matrix the meta-layer decomposes (float64){band}",
+                 fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    any_raw = any(np.isfinite(c.kappa_raw).any() for c in cs)
-    if any_raw:
-        ax_raw.set_yscale("log")
-    ax_raw.set_ylabel("raw κ(P)  (x: P singular)")
-    ax_raw.grid(True, which="major", alpha=0.3)
-    if any(c.singular.any() for c in cs):
-        ax_raw.legend(fontsize=7, loc="lower right")
-        finite = [np.nanmax(c.kappa_raw) for c in cs if np.isfinite(c.kappa_raw).any()]
-        if finite:  # headroom above the curves for the "singular" markers
-            ax_raw.set_ylim(top=max(finite) * 100.0)
+    _log_axis(ax_nz, cs, ["kappa_nonzero"])
+    ax_nz.set_ylabel("κ on the non-zero spectrum")
+    ax_nz.set_title("λ_max / smallest eigenvalue above the numerical-rank threshold "
+                    "(= raw κ(P) when P is non-singular)", fontsize=9)
+    ax_nz.grid(True, which="major", alpha=0.3)
     dims = {c.dim for c in cs if c.dim is not None}
     for d in dims:
         ax_rank.axhline(d, color="gray", ls=":", lw=1.0)
         ax_rank.annotate(f"dim = {d}", (1.0, d), xycoords=("axes fraction", "data"),
                          ha="right", va="bottom", fontsize=7, color="gray")
     ax_rank.set_ylabel("numerical rank")
+    ax_rank.set_title("raw covariance P: numerical rank vs size (below the dotted line: "
+                      "P singular; small offsets separate equal ranks)", fontsize=9)
     ax_rank.set_xlabel("training step")
     ax_rank.grid(True, alpha=0.3)
     if dims:
-        ax_rank.set_ylim(0, max(dims) * 1.2)
+        ax_rank.set_ylim(0, max(dims) * 1.25)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: plot every run of a sweep directory."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("workdir", help="sweep directory holding <method>/seed<k>/metrics.jsonl")
-    parser.add_argument("--out", default=None,
-                        help="PNG path (default: <workdir>/conditioning.png)")
-    parser.add_argument("--methods", default=None, help="comma-separated subset, in order")
-    parser.add_argument("--title", default=None)
-    args = parser.parse_args(argv)
-    methods = args.methods.split(",") if args.methods else None
-    runs = tables.collect_runs(args.workdir, methods)
-    out = args.out or Path(args.workdir) / "conditioning.png"
-    print(plot_conditioning(runs, out, title=args.title))
+def main(argv: Sequence[str] | None = None) -> Path:
+    """CLI: plot every run of a sweep directory; returns the PNG's path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = exp_flags.new_flag_values()
+    flags.DEFINE_string("workdir", None, "sweep directory holding "
+                        "<method>/seed<k>/metrics.jsonl", flag_values=fv)
+    flags.DEFINE_string("out", None, "PNG path (default: <workdir>/conditioning.png)",
+                        flag_values=fv)
+    flags.DEFINE_list("methods", None, "subset, in order", flag_values=fv)
+    flags.DEFINE_string("title", None, "figure title", flag_values=fv)
+    exp_flags.parse(fv, argv)
+    if not fv.workdir:
+        raise SystemExit("error: --workdir is required")
+    exp_flags.initialize_distributed(fv)
+    runs = tables.collect_runs(fv.workdir, fv.methods or None)
+    out = Path(fv.out or Path(fv.workdir) / "conditioning.png")
+    if jax.process_index() == 0:
+        plot_conditioning(runs, out, title=fv.title)
+        print(out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    exp_flags.run_app(main)

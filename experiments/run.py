@@ -1,30 +1,35 @@
 """Run a sweep (methods x seeds) of one experiment config, then write its table and plot.
 
-Usage:
-    python -m experiments.run --config experiments/configs/cifar100_dbn.py \
-        --methods svd,svd+nog+ow+olr --seeds 0,1,2 --workdir runs/cifar100 \
-        [--set num_epochs=10 --set data_dir=/data/tfds] [--quick]
+Usage (absl flags; ml_collections config_flags for the config and its fields):
+    python -m experiments.run --config=experiments/configs/cifar100_dbn.py \
+        --methods=svd,svd+nog+ow+olr --seeds=0,1,2 --workdir=runs/cifar100 \
+        [--config.num_epochs=10 --config.data_dir=/data/tfds] [--quick] [--overwrite]
 
-(`--config.data_dir=/data/tfds`, ml_collections' spelling, is accepted as `--set` too.)
+`--config=path.py:arg` passes `arg` to `get_config`; `--quick` selects "runlocal" (a tiny
+local run) and writes to `<workdir>_quick`, so a quick sweep never mixes with a full one.
+Multi-process: `--coordinator_address=host:port --num_processes=N --process_id=i` (see
+`svdcond_jax.training.distributed`); only process 0 writes tables and plots.
 
-Each run goes to `<workdir>/<method>/seed<k>/` (metrics.jsonl, TensorBoard events,
-checkpoints) through `svdcond_jax.training.loop.train_and_evaluate`; a run whose
-metrics.jsonl already holds a summary is skipped, and an interrupted one resumes from its
-checkpoint. Then `<workdir>/table.md`, `<workdir>/table.json` (the paper's format: mean
-+- std and min of the validation error over seeds, failure counts, kappa) and
-`<workdir>/conditioning.png` (log-scale kappa vs step per method) are written.
+Each run goes to `<workdir>/<method>/seed<k>/` (config.json, metrics.jsonl, TensorBoard
+events, checkpoints) through `svdcond_jax.training.loop.train_and_evaluate`. A finished
+run is reused only when its stored `config.json` equals the requested config (otherwise
+the sweep stops before training anything and names the differing fields; `--overwrite`
+retrains); an interrupted one resumes from its checkpoint. Then `<workdir>/table.md`,
+`<workdir>/table.json` (the paper's format: mean +- std and min of the validation error
+over seeds, failure counts, kappa, compile and training time) and
+`<workdir>/conditioning.png` are written.
 
-A config file defines `get_config(arg: str | None = None) -> ConfigDict` ("runlocal" as
-`arg` gives a tiny local run; `--quick` or `path.py:runlocal` selects it) and may define
-`METHODS`, `SEEDS` (the sweep's defaults) and `PAPER` (method -> the paper's number,
-printed in an extra column).
+A config file defines `get_config(arg: str | None = None) -> ConfigDict` and may define
+`METHODS`, `SEEDS` (the sweep's defaults), `TITLE`, `WORKDIR` (the default `--workdir`) and
+`PAPER` (method -> the paper's number, printed in an extra column).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
+import dataclasses
 import importlib.util
+import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +38,10 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
+from experiments import flags as exp_flags
 from experiments import plot, tables
 from svdcond_jax.training import runtime
 
@@ -63,43 +71,19 @@ def load_config_module(path: str | Path) -> ModuleType:
     return module
 
 
-def load_config(spec: str, *, quick: bool = False) -> tuple[ml_collections.ConfigDict, ModuleType]:
-    """Loads `path.py` or `path.py:arg` (big_vision style); `quick` forces arg "runlocal".
-
-    Returns:
-      The config and its module (for METHODS / SEEDS / PAPER).
-    """
-    path, _, arg = spec.partition(":")
-    module = load_config_module(path)
-    arg = "runlocal" if quick else (arg or None)
-    return module.get_config(arg), module
-
-
-def parse_value(text: str) -> Any:
-    """Parses a `--set` value as a Python literal, else keeps it as a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies `key=value` (dotted keys allowed) overrides in place.
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets a (dotted) field that the config already has.
 
     Raises:
-      ValueError: for an item without '=' or a key the config does not have.
+      ValueError: for a key the config does not have.
     """
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        *parents, leaf = key.strip().split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise ValueError(f"--set {item!r}: the config has no field {key!r}")
-        node[leaf] = parse_value(value.strip())
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise ValueError(f"the config has no field {key!r}")
+    node[leaf] = value
 
 
 def validate_sweep(config: ml_collections.ConfigDict, methods: Sequence[str],
@@ -124,9 +108,60 @@ def validate_sweep(config: ml_collections.ConfigDict, methods: Sequence[str],
                 raise ValueError(f"run {method}/seed{seed}: {err}") from None
 
 
+CONFIG_FILE = "config.json"  # a run's config, written before it trains
+
+
 def _finished(run_dir: Path) -> bool:
     path = run_dir / tables.METRICS_FILE
     return path.is_file() and bool(tables.load_run(path).summary)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON (tuples become lists), for storing and comparing."""
+    return json.loads(json.dumps(config.to_dict(), default=repr))
+
+
+def stored_config_difference(run_dir: Path, config: ml_collections.ConfigDict
+                             ) -> str | None:
+    """Why the run in ``run_dir`` is not a run of ``config``, or None when it is.
+
+    Compares ``run_dir/config.json`` with ``config`` field by field.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return f"{path} is missing (a run of an older version or another tool)"
+    stored, wanted = json.loads(path.read_text()), _config_json(config)
+    diff = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+    if not diff:
+        return None
+    return "its config differs in " + ", ".join(
+        f"{k} (stored {stored.get(k)!r}, requested {wanted.get(k)!r})" for k in diff)
+
+
+def _run_config(config: ml_collections.ConfigDict, method: str, seed: int
+                ) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.method, cfg.seed = method, int(seed)
+    return cfg
+
+
+def check_reuse(config: ml_collections.ConfigDict, workdir: str | Path,
+                methods: Sequence[str], seeds: Sequence[int]) -> None:
+    """Refuses a sweep whose workdir holds runs (finished or not) of another config.
+
+    Raises:
+      ValueError: naming the run and the differing fields.
+    """
+    for method in methods:
+        for seed in seeds:
+            run_dir = Path(workdir) / method / f"seed{seed}"
+            if not run_dir.is_dir() or not any(run_dir.iterdir()):
+                continue
+            why = stored_config_difference(run_dir, _run_config(config, method, seed))
+            if why:
+                raise ValueError(
+                    f"run {method}/seed{seed} in {workdir} is not a run of the requested "
+                    f"config: {why}. Use another --workdir, or --overwrite to retrain it.")
 
 
 def _default_train_fn() -> TrainFn:
@@ -159,17 +194,24 @@ def run_sweep(
       included; 0.0 for a run skipped because it had already finished).
     """
     train_fn = train_fn or _default_train_fn()
+    check_reuse(config, workdir, methods, seeds)
     walls: dict[str, float] = {}
+    total, index = len(methods) * len(seeds), 0
     for method in methods:
         for seed in seeds:
+            index += 1
             name = f"{method}/seed{seed}"
             run_dir = Path(workdir) / method / f"seed{seed}"
+            cfg = _run_config(config, method, seed)
             if _finished(run_dir):
-                log(f"[{name}] already finished, skipped")
+                log(f"[{name}] ({index}/{total}) already finished with this config, reused")
                 walls[name] = 0.0
                 continue
-            cfg = ml_collections.ConfigDict(config.to_dict())
-            cfg.method, cfg.seed = method, int(seed)
+            if _is_process_0():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / CONFIG_FILE).write_text(
+                    json.dumps(_config_json(cfg), indent=1, sort_keys=True) + "\n")
+            log(f"[{name}] ({index}/{total}) training")
             start = time.perf_counter()
             summary = train_fn(cfg, str(run_dir))
             walls[name] = time.perf_counter() - start
@@ -177,11 +219,28 @@ def run_sweep(
                 log(f"[{name}] INCOMPLETE, not a result: {summary.get('history_problem')}; "
                     f"delete {run_dir} and rerun it")
                 continue
-            error = summary.get("val_error")
-            error_text = "n/a" if error is None else f"{error:.2f}%"
-            log(f"[{name}] val_error={error_text} "
-                f"failures={summary.get('svd_failures')} wall={walls[name]:.0f}s")
+            log(_finished_line(name, summary, walls[name]))
     return walls
+
+
+def _finished_line(name: str, summary: Mapping[str, Any], wall: float) -> str:
+    """The one line printed per finished run."""
+    error = summary.get("val_error")
+    kappa = summary.get("final_kappa_eps")
+    parts = [f"[{name}] done: val_error={'n/a' if error is None else f'{error:.2f}%'}",
+             f"failures={summary.get('svd_failures')}",
+             f"kappa_eps={'n/a' if kappa is None else f'{kappa:.2e}'}"]
+    for key, label in (("compile_time_s", "compile"), ("train_time_s", "train")):
+        if summary.get(key) is not None:
+            parts.append(f"{label}={summary[key]:.1f}s")
+    parts.append(f"wall={wall:.1f}s")
+    return " ".join(parts)
+
+
+def _is_process_0() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def report(
@@ -191,6 +250,7 @@ def report(
     title: str | None = None,
     paper: Mapping[str, str] | None = None,
     wall_s: Mapping[str, float] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> str:
     """Aggregates a sweep, writes table.md / table.json / conditioning.png, returns the table.
 
@@ -200,8 +260,11 @@ def report(
       title: table and plot title.
       paper: method -> the paper's number, shown as an extra column.
       wall_s: `<method>/seed<k>` -> wall time; its per-method total is added to the JSON.
+      seeds: restrict to these seeds (default: every seed directory found).
     """
     runs = tables.collect_runs(workdir, methods)
+    if seeds is not None:
+        runs = [r for r in runs if r.seed in set(seeds)]
     rows = tables.aggregate(runs)
     if wall_s:
         for row in rows:
@@ -215,85 +278,136 @@ def report(
     return tables.markdown_table(rows, title=title, paper=paper)
 
 
-def _int_list(text: str) -> list[int]:
-    values = [int(s) for s in text.split(",") if s.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} names no seed")
-    return values
+def define_flags(argv: Sequence[str], *, config_default: str | None = None
+                 ) -> flags.FlagValues:
+    """The runner's flags (fresh FlagValues; see experiments/flags.py).
+
+    Args:
+      argv: the full command line (program name first): config_flags registers the
+        `--config.<field>` override flags of the config it names.
+      config_default: default of `--config` (None: required).
+    """
+    fv = exp_flags.new_flag_values()
+    try:  # config_flags reads --config.<field> names here: an unknown field raises now
+        config_flags.DEFINE_config_file(
+            "config", config_default, "config file, optionally path.py:arg; override "
+            "fields with --config.<field>=value", flag_values=fv, sys_argv=list(argv))
+    except (AttributeError, KeyError) as err:
+        raise SystemExit(f"error: the config has no field {err}") from None
+    flags.DEFINE_list("methods", None, "methods (default: the config's METHODS)",
+                      flag_values=fv)
+    flags.DEFINE_list("seeds", None, "seeds (default: the config's SEEDS, else 0)",
+                      flag_values=fv)
+    flags.DEFINE_string("workdir", None, "sweep directory (default: the config's WORKDIR)",
+                        flag_values=fv)
+    flags.DEFINE_bool("quick", False, "tiny local run (get_config('runlocal')), written to "
+                      "<workdir>_quick", flag_values=fv)
+    flags.DEFINE_bool("report_only", False, "only aggregate existing runs into the table "
+                      "and plot", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "delete the requested runs in the workdir first",
+                      flag_values=fv)
+    return fv
 
 
-def _str_list(text: str) -> list[str]:
-    values = [s.strip() for s in text.split(",") if s.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} names no method")
-    return values
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """What a parsed command line asks for."""
+
+    config: ml_collections.ConfigDict
+    module: ModuleType
+    methods: list[str]
+    seeds: list[int]
+    workdir: Path
+    quick: bool
+    report_only: bool
+    overwrite: bool
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The runner's flags (shared with the thin per-experiment entry points)."""
-    parser = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
-    parser.add_argument("--methods", type=_str_list, default=None,
-                        help="comma-separated method names (default: the config's METHODS)")
-    parser.add_argument("--seeds", type=_int_list, default=None,
-                        help="comma-separated seeds (default: the config's SEEDS, else 0)")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config field (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="tiny local run (arg 'runlocal')")
-    parser.add_argument("--report_only", action="store_true",
-                        help="only aggregate existing runs into the table and plot")
-    return parser
-
-
-def config_flag_overrides(extra: Sequence[str]) -> list[str]:
-    """Turns ml_collections-style `--config.key=value` / `--config.key value` into `key=value`.
+def sweep_from_flags(fv: flags.FlagValues) -> Sweep:
+    """Resolves parsed flags into a :class:`Sweep` (config, methods, seeds, workdir).
 
     Raises:
-      ValueError: for any other unrecognised argument.
+      SystemExit: no config, no workdir, an empty method/seed list, or a config file
+        without `get_config`.
     """
-    out, items = [], list(extra)
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--config."):
-            raise ValueError(f"unrecognised argument {item!r}")
-        key, sep, value = item[len("--config."):].partition("=")
-        if not sep:
-            if not items:
-                raise ValueError(f"{item!r} needs a value")
-            value = items.pop(0)
-        out.append(f"{key}={value}")
-    return out
+    if fv["config"].value is None:
+        raise SystemExit("error: --config is required")
+    spec = config_flags.get_config_filename(fv["config"])
+    try:
+        module = load_config_module(spec.partition(":")[0])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    config = fv.config
+    if fv.quick:  # get_config("runlocal"), then the command line's --config.<field>s
+        config = module.get_config("runlocal")
+        for key, value in config_flags.get_override_values(fv["config"]).items():
+            set_field(config, key, value)
+    methods = exp_flags.str_list("methods", fv.methods)
+    methods = methods or list(getattr(module, "METHODS", [config.method]))
+    seeds = exp_flags.int_list("seeds", fv.seeds)
+    seeds = seeds if seeds is not None else list(getattr(module, "SEEDS", [0]))
+    workdir = fv.workdir or getattr(module, "WORKDIR", None)
+    if not workdir:
+        raise SystemExit("error: --workdir is required (the config defines no WORKDIR)")
+    workdir = Path(f"{workdir}_quick") if fv.quick else Path(workdir)
+    return Sweep(config, module, methods, seeds, workdir, fv.quick, fv.report_only,
+                 fv.overwrite)
 
 
-def main(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None
-         ) -> str:
-    """Parses flags, runs the sweep, writes and prints the table; returns it."""
-    runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
-    args, extra = (parser or build_parser()).parse_known_args(argv)
-    config, module = load_config(args.config, quick=args.quick)
-    apply_overrides(config, [*args.overrides, *config_flag_overrides(extra)])
-    methods = args.methods or list(getattr(module, "METHODS", [config.method]))
-    seeds = args.seeds if args.seeds is not None else list(getattr(module, "SEEDS", [0]))
+def execute(sweep: Sweep, *, log: Callable[[str], None] = print) -> str:
+    """Runs (unless report_only), reports and returns the table; process 0 writes it.
+
+    Raises:
+      SystemExit: an invalid config for some run, a workdir holding runs of another
+        config, or runs whose history is incomplete.
+    """
     wall = None
-    if not args.report_only:
+    if not sweep.report_only:
         try:
-            validate_sweep(config, methods, seeds)
+            validate_sweep(sweep.config, sweep.methods, sweep.seeds)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
-        wall = run_sweep(config, args.workdir, methods, seeds)
-    title = getattr(module, "TITLE", None)
-    table = report(args.workdir, methods, title=title, paper=getattr(module, "PAPER", None),
-                   wall_s=wall)
-    print(table)
-    print(f"wrote {Path(args.workdir) / 'table.md'}, table.json, conditioning.png")
-    incomplete = [f"{r.method}/seed{r.seed}" for r in tables.collect_runs(args.workdir, methods)
-                  if r.summary.get("complete") is False]
+        if sweep.overwrite and _is_process_0():
+            for method in sweep.methods:
+                for seed in sweep.seeds:
+                    shutil.rmtree(sweep.workdir / method / f"seed{seed}", ignore_errors=True)
+        try:
+            wall = run_sweep(sweep.config, sweep.workdir, sweep.methods, sweep.seeds, log=log)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+    if not _is_process_0():
+        return ""
+    title = getattr(sweep.module, "TITLE", None)
+    if sweep.quick and title:
+        title += " (--quick: a few steps, not a result)"
+    table = report(sweep.workdir, sweep.methods, title=title,
+                   paper=getattr(sweep.module, "PAPER", None), wall_s=wall, seeds=sweep.seeds)
+    log("")
+    log(table)
+    log(f"wrote {sweep.workdir / 'table.md'}, table.json, conditioning.png")
+    incomplete = [f"{r.method}/seed{r.seed}"
+                  for r in tables.collect_runs(sweep.workdir, sweep.methods)
+                  if r.seed in sweep.seeds and r.summary.get("complete") is False]
     if incomplete:
         raise SystemExit(f"error: incomplete history, left out of the table: "
                          f"{', '.join(incomplete)} (delete those run directories and rerun)")
     return table
 
 
+def main(argv: Sequence[str] | None = None, *, config_default: str | None = None) -> str:
+    """Parses flags, runs the sweep, writes and prints the table; returns it.
+
+    Args:
+      argv: the arguments without the program name (default: sys.argv[1:]).
+      config_default: default of `--config` (the thin per-experiment entry points).
+    """
+    runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = define_flags(["prog", *argv], config_default=config_default)
+    exp_flags.parse(fv, argv)
+    exp_flags.initialize_distributed(fv)  # before any jax computation
+    return execute(sweep_from_flags(fv))
+
+
 if __name__ == "__main__":
-    main()
+    exp_flags.run_app(main)

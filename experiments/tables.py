@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from svdcond_jax.training import writers
+from svdcond_jax.training.monitor import KAPPA_CAP
 from svdcond_jax.training.writers import METRICS_FILE
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
@@ -137,6 +138,11 @@ def _std(values: Sequence[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _kappas(values: Iterable[Any]) -> list[float]:
+    """Finite condition numbers; drops None and the 1/eps cap (a singular matrix's)."""
+    return [v for v in _finite(values) if v < KAPPA_CAP]
+
+
 def _median(values: Sequence[float]) -> float | None:
     """Median across seeds (kappa spans decades, so a median is the honest summary)."""
     return float(np.median(values)) if values else None
@@ -150,8 +156,19 @@ def _singular_fraction(run: Run) -> float | None:
 
 def _median_raw_kappa(run: Run) -> float | None:
     """Median over monitored steps of raw kappa(P), over non-singular steps only."""
-    vals = _finite(r.get("kappa_raw") for r in run.conditioning if not r.get("singular"))
+    vals = _kappas(r.get("kappa_raw") for r in run.conditioning if not r.get("singular"))
     return float(np.median(vals)) if vals else None
+
+
+def _median_nonzero_kappa(run: Run) -> float | None:
+    """Median over monitored steps of kappa on the non-zero spectrum (monitor.py)."""
+    vals = _kappas(r.get("kappa_nonzero") for r in run.conditioning)
+    return float(np.median(vals)) if vals else None
+
+
+def _final_nonzero_kappa(run: Run) -> float | None:
+    vals = _kappas([run.conditioning[-1].get("kappa_nonzero")]) if run.conditioning else []
+    return vals[0] if vals else None
 
 
 def _weight_norm_growth(run: Run) -> float | None:
@@ -209,25 +226,59 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
         "best_val_error_min": _stat(s("best_val_error"), np.min),
         "failures_total": int(sum(failures)),
         "runs_with_failures": int(sum(f > 0 for f in failures)),
-        "final_kappa_eps": _median(s("final_kappa_eps")),
-        "median_kappa_eps": _median(s("median_kappa_eps")),
-        "final_kappa_raw": _median(s("final_kappa_raw")),
+        "final_kappa_eps": _median(_kappas(s("final_kappa_eps"))),
+        "median_kappa_eps": _median(_kappas(s("median_kappa_eps"))),
+        "final_kappa_raw": _median(_kappas(r.summary.get("final_kappa_raw") for r in done
+                                           if not r.summary.get("final_singular"))),
         "median_kappa_raw": _median(_finite(_median_raw_kappa(r) for r in runs)),
+        "final_kappa_nonzero": _median(_finite(_final_nonzero_kappa(r) for r in runs)),
+        "median_kappa_nonzero": _median(_finite(_median_nonzero_kappa(r) for r in runs)),
         "singular_fraction": _stat(singular, np.mean),
         "rank": last.get("rank"),
         "dim": last.get("dim"),
         "weight_norm_growth": _median(_finite(_weight_norm_growth(r) for r in runs)),
         "olr_active_fraction": _stat(_finite(_olr_active_fraction(r) for r in runs), np.mean),
         "train_time_s": _stat(s("train_time_s"), np.mean),
+        "compile_time_s": _stat(s("compile_time_s"), np.sum),
     }
 
 
-def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """Aggregates runs into one row per method, keeping the runs' method order."""
+def versus(row: Mapping[str, Any], ref: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How a row's validation error compares with the reference row's (``svd``).
+
+    The difference of the means counts as larger than the seeds' spread when the two
+    ranges [min, max] over seeds do not overlap (needs >= 2 finished seeds on each side).
+
+    Returns:
+      ``{"diff": mean - ref mean or None, "beyond_spread": True / False / None}``.
+    """
+    if ref is None or row is ref or row["val_error_mean"] is None \
+            or ref["val_error_mean"] is None:
+        return {"diff": None, "beyond_spread": None}
+    diff = row["val_error_mean"] - ref["val_error_mean"]
+    if min(row["num_finished"], ref["num_finished"]) < 2:
+        return {"diff": diff, "beyond_spread": None}
+    apart = (row["val_error_min"] > ref["val_error_max"]
+             or row["val_error_max"] < ref["val_error_min"])
+    return {"diff": diff, "beyond_spread": bool(apart)}
+
+
+def aggregate(runs: Sequence[Run], *, reference: str = "svd") -> list[dict[str, Any]]:
+    """Aggregates runs into one row per method, keeping the runs' method order.
+
+    Each row also gets ``vs_<reference>_diff`` and ``vs_<reference>_beyond_spread``
+    (:func:`versus`) when the reference method is among the runs.
+    """
     grouped: dict[str, list[Run]] = {}
     for run in runs:
         grouped.setdefault(run.method, []).append(run)
-    return [aggregate_method(m, rs) for m, rs in grouped.items()]
+    rows = [aggregate_method(m, rs) for m, rs in grouped.items()]
+    ref = next((r for r in rows if r["method"] == reference), None)
+    for row in rows:
+        v = versus(row, ref)
+        row[f"vs_{reference}_diff"] = v["diff"]
+        row[f"vs_{reference}_beyond_spread"] = v["beyond_spread"]
+    return rows
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -281,18 +332,33 @@ def markdown_table(
       The table as a string.
     """
     wall = any(r.get("wall_s") is not None for r in rows)
-    cols = ["Method", "Val. error (%) mean ± std", "Min", "Runs", "Failures",
-            "κ(P+εI) final", "κ(P+εI) median", "κ(P) final", "κ(P) median", "‖W‖ growth",
-            "Train (s)"]
+    several = any(r["num_finished"] > 1 for r in rows)
+    versus_svd = any(r.get("vs_svd_diff") is not None for r in rows)
+    error = "Val. error (%) mean ± std" if several else "Val. error (%)"
+    cols = [
+        "Method", error, "Min", "Runs", "Failures", "κ(P+εI) final", "κ(P+εI) median",
+        "κ(P) final", "κ(P) nonzero median"]
+    cols += ["‖W‖ growth"]
+    cols += ["vs svd: diff (beyond seed spread?)"] * versus_svd
+    cols += ["Compile (s)", "Train (s/run)"]
     cols += ["Wall (s)"] * wall + ["Paper"] * bool(paper)
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_cells(r, wall, paper)) + " |")
+        lines.append("| " + " | ".join(_cells(r, wall, paper, versus_svd)) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None) -> list[str]:
+def _fmt_versus(r: Mapping[str, Any]) -> str:
+    diff, beyond = r.get("vs_svd_diff"), r.get("vs_svd_beyond_spread")
+    if diff is None:
+        return "–"
+    verdict = {True: "yes", False: "no", None: "n/a, 1 seed"}[beyond]
+    return f"{diff:+.2f} ({verdict})"
+
+
+def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None,
+           versus_svd: bool = False) -> list[str]:
     """One table row's cells, in `markdown_table`'s column order."""
     n, done = r["num_runs"], r["num_finished"]
     failures = f"{r['failures_total']}"
@@ -307,10 +373,12 @@ def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None) ->
         _fmt_kappa(r["final_kappa_eps"]),
         _fmt_kappa(r["median_kappa_eps"]),
         _fmt_raw(r),
-        _fmt_kappa(r.get("median_kappa_raw")) if r.get("median_kappa_raw") else "singular",
+        _fmt_kappa(r.get("median_kappa_nonzero")),
         _fmt(r.get("weight_norm_growth"), ".2f"),
-        _fmt(r["train_time_s"], ".0f"),
     ]
+    if versus_svd:
+        cells.append(_fmt_versus(r))
+    cells += [_fmt(r.get("compile_time_s"), ".1f"), _fmt(r["train_time_s"], ".1f")]
     if wall:
         cells.append(_fmt(r.get("wall_s"), ".0f"))
     if paper:

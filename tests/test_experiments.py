@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments import flags as exp_flags
 from experiments import plot, run, tables
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -31,6 +32,7 @@ def _write_run(
                      "svd_failures": 0, "epoch": i})
         recs.append({"kind": "conditioning", "step": step, "kappa_eps": k,
                      "kappa_raw": 1e16 if singular else 3 * k, "lambda_max": 1.0,
+                     "kappa_nonzero": 2 * k if singular else 3 * k,
                      "lambda_min": 1.0 / k, "rank": dim - 3 if singular else dim, "dim": dim,
                      "singular": singular, "weight_norm": 1.0 + i, "olr_eta": None})
     if val_error is not None:
@@ -84,20 +86,39 @@ def test_markdown_and_json_tables(sweep: Path) -> None:
     rows = tables.aggregate(tables.collect_runs(sweep))
     md, js = tables.write_tables(rows, sweep, title="t", paper={"svd": "19.99"})
     text = md.read_text()
+    assert "| Val. error (%) mean ± std |" in text
     assert "| svd | 21.17 ± 1.26 | 20.00 | 3 | 3 (2/3 runs) |" in text
-    assert "| singular (rank 5/8) | singular |" in text and "| 19.99 |" in text
+    # singular: the rank instead of kappa(P); kappa on the non-zero spectrum instead
+    assert "| singular (rank 5/8) | 2.0e+06 |" in text and "| 19.99 |" in text
     assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2/3 |" in text
+    # [18, 19] vs [20, 22.5]: the difference is larger than the seeds' spread
+    assert "| -2.67 (yes) |" in text
     loaded = json.loads(js.read_text())
     assert [r["method"] for r in loaded] == ["svd", "svd+nog"]
     assert loaded[0]["val_error_min"] == 20.0
+    assert loaded[0]["final_kappa_raw"] is None and loaded[0]["rank"] == 5  # never 1e16
+    assert "e+16" not in js.read_text() and "e+15" not in js.read_text()
+    assert loaded[1]["vs_svd_beyond_spread"] is True
+    np.testing.assert_allclose(loaded[1]["vs_svd_diff"], 18.5 - np.mean([20.0, 21.0, 22.5]))
+
+
+def test_versus_svd_needs_two_seeds_and_reports_overlap() -> None:
+    ref = {"val_error_mean": 2.0, "val_error_min": 1.0, "val_error_max": 3.0,
+           "num_finished": 3}
+    close = {**ref, "val_error_mean": 2.5, "val_error_min": 2.0, "val_error_max": 3.5}
+    assert tables.versus(close, ref) == {"diff": 0.5, "beyond_spread": False}
+    lone = {**close, "num_finished": 1}
+    assert tables.versus(lone, ref)["beyond_spread"] is None
+    assert tables.versus(ref, ref) == {"diff": None, "beyond_spread": None}
 
 
 def test_single_run_shows_plain_error(tmp_path: Path) -> None:
     _write_run(tmp_path / "bn" / "seed0" / "metrics.jsonl", method="bn", seed=0,
                val_error=3.25, kappas=(10.0, 20.0))
     (row,) = tables.aggregate(tables.collect_runs(tmp_path))
-    assert "| bn | 3.25 | 3.25 | 1 | 0 | 2.0e+01 | 1.5e+01 | 6.0e+01 | 4.5e+01 | 2.00 |" in (
-        tables.markdown_table([row]))
+    text = tables.markdown_table([row])
+    assert "| bn | 3.25 | 3.25 | 1 | 0 | 2.0e+01 | 1.5e+01 | 6.0e+01 | 4.5e+01 | 2.00 |" in text
+    assert "mean ± std" not in text  # one seed: no spread to report
 
 
 def test_collect_runs_rejects_empty_dir(tmp_path: Path) -> None:
@@ -109,11 +130,13 @@ def test_curve_masks_singular_raw_kappa(sweep: Path) -> None:
     cs = {c.method: c for c in plot.curves(tables.collect_runs(sweep))}
     svd, nog = cs["svd"], cs["svd+nog"]
     assert svd.singular.all() and np.isnan(svd.kappa_raw).all()
+    np.testing.assert_allclose(svd.kappa_nonzero, [2 * 2e3, 2e6, 2e12])  # still a curve
+    np.testing.assert_allclose(svd.kappa_nonzero_lo, [2e3, 2e6, 2e12])
     assert "raw P singular, rank 5/8" in plot._label(svd)
     np.testing.assert_allclose(nog.kappa_raw, [3 * 2e3, 3e6, 3e12])  # median over 3 seeds
     np.testing.assert_allclose(nog.kappa_eps_lo, [1e3, 1e6, 1e12])
     np.testing.assert_allclose(nog.kappa_eps_hi, [3e3, 1e6, 1e12])
-    assert plot._label(nog) == "svd+nog"
+    assert plot._label(nog) == "svd+nog, 3 seeds"
 
 
 def test_plot_writes_png(sweep: Path, tmp_path: Path) -> None:
@@ -147,55 +170,102 @@ def test_config_files_load_and_document_a_command(path: Path) -> None:
     assert set(getattr(module, "PAPER", {})) <= set(METHODS)
 
 
-def test_apply_overrides_parses_literals_and_rejects_unknown_keys() -> None:
-    config = ml_collections.ConfigDict({"a": 1, "b": "x", "c": [1], "d": {"e": 0.5}})
-    run.apply_overrides(config, ["a=3", "b=hello world", "c=[1, 2]", "d.e=0.25"])
-    assert (config.a, config.b, list(config.c), config.d.e) == (3, "hello world", [1, 2], 0.25)
-    with pytest.raises(ValueError, match="no field"):
-        run.apply_overrides(config, ["zz=1"])
-    with pytest.raises(ValueError, match="key=value"):
-        run.apply_overrides(config, ["a"])
-    assert run.config_flag_overrides(["--config.a=4", "--config.d.e", "0.5"]) == [
-        "a=4", "d.e=0.5"]
-    with pytest.raises(ValueError, match="unrecognised"):
-        run.config_flag_overrides(["--bogus"])
+def _sweep(argv: list[str], config_default: str | None = None) -> run.Sweep:
+    fv = run.define_flags(["prog", *argv], config_default=config_default)
+    exp_flags.parse(fv, argv)
+    return run.sweep_from_flags(fv)
 
 
-def test_run_sweep_calls_train_fn_per_method_and_seed(tmp_path: Path) -> None:
-    calls = []
+def test_config_flags_override_fields_and_reject_bad_ones(tmp_path: Path) -> None:
+    demo_config = str(CONFIG_DIR / "digits_demo.py")
+    sweep = _sweep([f"--config={demo_config}", "--config.batch_size=8",
+                    "--config.lr_boundaries_epochs=(2, 3)", "--config.data_dir=/d",
+                    "--methods=svd,bn", "--seeds=1,2"])
+    assert (sweep.config.batch_size, tuple(sweep.config.lr_boundaries_epochs)) == (8, (2, 3))
+    assert sweep.config.data_dir == "/d" and sweep.config.num_epochs == 20
+    assert (sweep.methods, sweep.seeds, sweep.workdir) == (["svd", "bn"], [1, 2],
+                                                           Path("runs/demo"))
+    quick = _sweep(["--quick", "--config.batch_size=8", f"--workdir={tmp_path / 'w'}"],
+                   config_default=demo_config)
+    assert quick.config.num_train_steps == 6 and quick.config.batch_size == 8  # runlocal
+    assert quick.workdir == Path(f"{tmp_path / 'w'}_quick")  # never the full sweep's
+    for argv, match in ((["--config.bogus=1"], "no field"),
+                        (["--config.batch_size=abc"], "batch_size"),
+                        (["--seeds=a"], "not integers"), (["--methods="], "names no"),
+                        (["--bogus"], "bogus")):
+        with pytest.raises(SystemExit, match=match):
+            _sweep(argv, config_default=demo_config)
+    with pytest.raises(SystemExit, match="--config is required"):
+        _sweep(["--workdir=x"])
 
-    def fake_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+
+def _fake_train(calls: list) -> run.TrainFn:
+    def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         calls.append((config.method, config.seed, workdir))
         _write_run(Path(workdir) / "metrics.jsonl", method=config.method, seed=config.seed,
                    val_error=10.0 + config.seed)
         return {"val_error": 10.0 + config.seed, "svd_failures": 0}
 
+    return train
+
+
+def test_finished_run_is_reused_only_with_an_equal_config(tmp_path: Path) -> None:
+    calls: list = []
+    config = ml_collections.ConfigDict({"method": "svd", "seed": 0, "num_train_steps": 6})
+    run.run_sweep(config, tmp_path, ["bn"], [0], train_fn=_fake_train(calls),
+                  log=lambda _: None)
+    stored = json.loads((tmp_path / "bn" / "seed0" / run.CONFIG_FILE).read_text())
+    assert stored == {"method": "bn", "seed": 0, "num_train_steps": 6}
+    run.run_sweep(config, tmp_path, ["bn"], [0], train_fn=_fake_train(calls),
+                  log=lambda _: None)
+    assert len(calls) == 1  # same config: reused
+    full = ml_collections.ConfigDict({"method": "svd", "seed": 0, "num_train_steps": 440})
+    with pytest.raises(ValueError, match=r"num_train_steps \(stored 6, requested 440\)"):
+        run.run_sweep(full, tmp_path, ["bn"], [0], train_fn=_fake_train(calls),
+                      log=lambda _: None)
+    assert len(calls) == 1  # refused before anything trained
+
+
+def test_run_sweep_calls_train_fn_per_method_and_seed(tmp_path: Path) -> None:
+    calls: list = []
     config = ml_collections.ConfigDict({"method": "svd", "seed": 0})
-    run.run_sweep(config, tmp_path, ["svd", "svd+nog"], [0, 1], train_fn=fake_train,
+    run.run_sweep(config, tmp_path, ["svd", "svd+nog"], [0, 1], train_fn=_fake_train(calls),
                   log=lambda _: None)
     assert [(m, s) for m, s, _ in calls] == [("svd", 0), ("svd", 1), ("svd+nog", 0),
                                              ("svd+nog", 1)]
     assert calls[3][2] == str(tmp_path / "svd+nog" / "seed1")
     assert config.method == "svd" and config.seed == 0  # the base config is not mutated
-    run.run_sweep(config, tmp_path, ["svd"], [0], train_fn=fake_train, log=lambda _: None)
+    run.run_sweep(config, tmp_path, ["svd"], [0], train_fn=_fake_train(calls),
+                  log=lambda _: None)
     assert len(calls) == 4  # finished runs are skipped
     table = run.report(tmp_path, ["svd", "svd+nog"])
     assert "| svd | 10.50 ± 0.71 |" in table
     assert (tmp_path / "conditioning.png").is_file() and (tmp_path / "table.json").is_file()
+    assert "| svd | 10.00 |" in run.report(tmp_path, ["svd"], seeds=[0])  # only the sweep's
 
 
-def test_demo_reduced_mode_end_to_end(tmp_path: Path) -> None:
+def test_demo_reduced_mode_end_to_end(tmp_path: Path, capsys) -> None:
     from experiments import demo
 
-    table = demo.main(["--quick", "--workdir", str(tmp_path)])  # QUICK_METHODS
-    rows = {r["method"]: r for r in json.loads((tmp_path / "table.json").read_text())}
-    assert set(rows) == {"bn", "svd+nog+olr"}
+    workdir = tmp_path / "demo"
+    table = demo.main(["--quick", "--seeds=0", f"--workdir={workdir}"])  # QUICK_METHODS
+    quick = Path(f"{workdir}_quick")
+    rows = {r["method"]: r for r in json.loads((quick / "table.json").read_text())}
+    assert set(rows) == {"bn", "svd+nog+olr"} and not workdir.exists()
     for row in rows.values():
         assert row["num_finished"] == 1 and row["failures_total"] == 0
         assert 0.0 <= row["val_error_mean"] <= 100.0
         assert row["final_kappa_eps"] is not None and math.isfinite(row["final_kappa_eps"])
-    assert "svd+nog+olr" in table
-    assert (tmp_path / "conditioning.png").stat().st_size > 10_000
+        assert row["rank"] <= 9 and row["dim"] == 16  # one grey channel: 9-dim patches
+        assert row["final_kappa_raw"] is None  # singular: null, not 4.5e15
+        assert row["median_kappa_nonzero"] is not None
+    assert "svd+nog+olr" in table and "(--quick" in table
+    out = capsys.readouterr().out
+    assert "[bn/seed0] done: val_error=" in out and "compile=" in out
+    assert (quick / "conditioning.png").stat().st_size > 10_000
+    # quick then full of one method: the full sweep would not report the 6-step run
+    with pytest.raises(SystemExit, match="not a run of the requested config"):
+        demo.main(["--seeds=0", "--methods=bn", f"--workdir={quick}"])
 
 
 def test_step_timing_overheads_and_table() -> None:

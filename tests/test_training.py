@@ -76,6 +76,20 @@ def test_setup_selects_pre_svd_layer_and_optimizer_flags():
     assert setup.ol_coeff == 0.0 and setup.model.stem_norm == "bn"
 
 
+def test_setup_and_steps_are_shared_by_seeds_of_one_config():
+    config = get_config()
+    config.method = "newton_schulz"  # meta_kwargs is a dict: the model is not hashable
+    first = create_setup(config, num_classes=10, steps_per_epoch=4)
+    config.seed = 7
+    assert create_setup(config, num_classes=10, steps_per_epoch=4) is first
+    init = state_lib._init_fn(first.model, (8, 8, 3))
+    assert state_lib._init_fn(first.model, (8, 8, 3)) is init
+    config.learning_rate = 0.05  # another config: another setup
+    assert create_setup(config, num_classes=10, steps_per_epoch=4) is not first
+    kw = {"ol_coeff": 0.0, "ol_pattern": None, "capture_stem": False}
+    assert steps.make_parallel("jit", **kw) is steps.make_parallel("jit", **kw)
+
+
 # ----------------------------------------------------------------------------- monitor
 
 
@@ -89,11 +103,14 @@ def test_monitor_marks_rank_deficient_covariance_singular(rank, dim):
     x = _low_rank_features(np.random.default_rng(rank), rank, dim).astype(np.float32)
     rec = monitor.conditioning_stats(x, eps=1e-2)
     assert rec["singular"] and rec["rank"] == rank and rec["dim"] == dim
-    # lambda_min is round-off (either sign): kappa is capped or at least the rank tolerance's
-    assert 1.0 / (dim * monitor.EPS64) <= rec["kappa_raw"] <= monitor.KAPPA_CAP
+    # a singular matrix has no condition number: None (JSON null), never the 1/eps cap
+    assert rec["kappa_raw"] is None
     # with eps*I the matrix is invertible: kappa = (lambda_max + eps) / (~0 + eps)
     assert rec["kappa_eps"] == pytest.approx((rec["lambda_max"] + 1e-2) / 1e-2, rel=1e-6)
     assert "sing(r" in monitor.format_kappa(rec)
+    # on the non-zero spectrum: the float64 reference's top `rank` eigenvalues
+    lam = np.linalg.eigvalsh(np.cov(x.reshape(-1, dim).astype(np.float64).T, bias=True))
+    assert rec["kappa_nonzero"] == pytest.approx(lam[-1] / lam[-rank], rel=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -104,6 +121,7 @@ def test_monitor_full_rank_matches_float64_reference(seed):
     lam = np.linalg.eigvalsh(np.cov(x.reshape(-1, 6).T, bias=True))
     assert not rec["singular"] and rec["rank"] == 6
     assert rec["kappa_raw"] == pytest.approx(lam[-1] / lam[0], rel=1e-9)
+    assert rec["kappa_nonzero"] == pytest.approx(rec["kappa_raw"], rel=1e-12)
     assert rec["kappa_eps"] == pytest.approx((lam[-1] + 0.5) / (lam[0] + 0.5), rel=1e-9)
     assert rec["lambda_min"] == pytest.approx(lam[0], rel=1e-9)
 
@@ -113,6 +131,8 @@ def test_monitor_per_image_gcp():
     x = rng.normal(size=(5, 2, 3, 10))  # 6 samples per image < 10 channels
     rec = monitor.conditioning_stats(x, eps=0.0, per_image=True)
     assert rec["singular"] and rec["rank"] == 5 and rec["dim"] == 10  # centred: 6 - 1
+    assert rec["kappa_raw"] is None and rec["kappa_eps"] is None  # eps = 0: singular too
+    assert rec["kappa_nonzero"] is not None and rec["kappa_nonzero"] >= 1.0
     full = monitor.conditioning_stats(rng.normal(size=(5, 4, 4, 3)), eps=0.0, per_image=True)
     assert not full["singular"] and full["kappa_eps_max"] >= full["kappa_eps"]
 

@@ -141,7 +141,9 @@ def test_tfds_mock_end_to_end(tmp_path, dataset, method, extra):
     cond = [r for r in records if r["kind"] == "conditioning"]
     if dataset == "imagenet2012":  # GCP: per-image covariance, 2x2 positions < 8 channels
         assert cond[-1]["dim"] == 8 and cond[-1]["singular"] and cond[-1]["rank"] <= 3
-        assert cond[-1]["kappa_eps_max"] >= cond[-1]["kappa_eps"]
+        # eps = 0 and singular: no condition number (null), one on the non-zero spectrum
+        assert cond[-1]["kappa_eps_max"] is None and cond[-1]["kappa_eps"] is None
+        assert cond[-1]["kappa_nonzero"] >= 1.0
     else:
         assert cond[-1]["dim"] == 4
 

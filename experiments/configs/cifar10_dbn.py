@@ -6,14 +6,14 @@ Recipe (docs/applications.md): 350 epochs, batch 128, SGD lr 0.1 momentum 0.9 wd
 lr /10 every 100 epochs; crop 32 pad 4 + flip; 10 seeds.
 
 Command (every method row, 10 seeds; CIFAR10 prepared by tfds under --data_dir):
-  python -m experiments.run --config experiments/configs/cifar10_dbn.py \
-      --workdir runs/cifar10_dbn --set data_dir=$HOME/tensorflow_datasets
+  python -m experiments.run --config=experiments/configs/cifar10_dbn.py \
+      --workdir=runs/cifar10_dbn --config.data_dir=$HOME/tensorflow_datasets
 One row, 3 seeds:
-  python -m experiments.run --config experiments/configs/cifar10_dbn.py \
-      --methods svd,svd+nog+ow+olr --seeds 0,1,2 --workdir runs/cifar10_dbn
+  python -m experiments.run --config=experiments/configs/cifar10_dbn.py \
+      --methods=svd,svd+nog+ow+olr --seeds=0,1,2 --workdir=runs/cifar10_dbn
 Tiny local check (a few steps; still needs the prepared dataset):
-  python -m experiments.run --config experiments/configs/cifar10_dbn.py --quick \
-      --methods svd --seeds 0 --workdir /tmp/cifar10_quick
+  python -m experiments.run --config=experiments/configs/cifar10_dbn.py --quick \
+      --methods=svd --seeds=0 --workdir=/tmp/cifar10_quick
 
 Expected run time: not measured here. Estimate from the paper's Table 6 (0.13-0.16 s per
 step on an RTX A6000): 391 steps x 350 epochs = 137k steps, about 5-6 h per run on one

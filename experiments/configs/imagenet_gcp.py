@@ -11,12 +11,12 @@ lr /10 at epochs 30 and 45; resize 256, random crop 224, flip; one run per metho
 
 Command (ImageNet must be prepared by tfds, manual download in <data_dir>/downloads/manual;
 the pipeline exits at once with a message if it is not):
-  python -m experiments.run --config experiments/configs/imagenet_gcp.py \
-      --workdir runs/imagenet_gcp --set data_dir=/data/tensorflow_datasets
-  python -m experiments.covariance_pooling --workdir runs/imagenet_gcp   # the same
+  python -m experiments.run --config=experiments/configs/imagenet_gcp.py \
+      --workdir=runs/imagenet_gcp --config.data_dir=/data/tensorflow_datasets
+  python -m experiments.covariance_pooling --workdir=runs/imagenet_gcp   # the same
 Tiny local check (a few steps at batch 8; still needs the prepared dataset):
-  python -m experiments.run --config experiments/configs/imagenet_gcp.py --quick \
-      --methods svd --seeds 0 --workdir /tmp/imagenet_quick
+  python -m experiments.run --config=experiments/configs/imagenet_gcp.py --quick \
+      --methods=svd --seeds=0 --workdir=/tmp/imagenet_quick
 
 Expected run time: not measured here (no ImageNet on the development machine). 5,005 steps
 x 60 epochs = 300k steps at batch 256: roughly a day per method on 8 data-parallel GPUs
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=0.1,
         momentum=0.9,
         weight_decay=1e-4,
-        lr_boundaries_epochs=[30, 45],
+        lr_boundaries_epochs=(30, 45),
         lr_decay=0.1,
         monitor_every_steps=500,
         log_every_steps=100,

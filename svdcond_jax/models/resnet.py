@@ -185,6 +185,8 @@ def check_config(model: ResNet) -> None:
         raise ValueError(f"{where}: dbn_groups={groups} must divide "
                          f"num_filters={model.num_filters}")
     _checks.check_int(where, "gcp_dim", model.gcp_dim, 1)
+    if model.input_channels is not None:
+        _checks.check_int(where, "input_channels", model.input_channels, 1)
     _checks.check_dtype(where, "dtype", model.dtype)
     if not callable(model.act):
         raise TypeError(f"{where}: act must be callable; got act={model.act!r}")
@@ -231,6 +233,10 @@ class ResNet(nn.Module):
       dbn_eps: eps*I >= 0 added to the DBN covariance.
       dbn_groups: channel groups of the DBN (must divide ``num_filters``).
       gcp_dim: channels of the GCP reduction conv (>= 1).
+      input_channels: keep only the first ``input_channels`` channels of the images (None:
+        all). The digits pipeline repeats its grey channel to 3 (the CIFAR layout);
+        ``input_channels=1`` feeds the one grey channel, so a 3x3 stem sees 9-dimensional
+        patches and its weight gradient is not confined to a rank-9 subspace of 27 inputs.
       axis_name: BatchNorm/DBN axis name under pmap/shard_map (None under jit).
       dtype: computation dtype of convs and norms and dtype of the logits (None: see
         above).
@@ -264,6 +270,7 @@ class ResNet(nn.Module):
     dbn_eps: float = 1e-2
     dbn_groups: int = 1
     gcp_dim: int = 256
+    input_channels: int | None = None
     axis_name: str | None = None
     dtype: Any = None
     act: Callable[[Array], Array] = nn.relu
@@ -319,6 +326,12 @@ class ResNet(nn.Module):
           (B, num_classes) logits in ``dtype`` (None: ``x.dtype``).
         """
         x = _checks.check_input(type(self).__name__, x, ndim=4, layout="(B, H, W, C)")
+        if self.input_channels is not None:
+            if x.shape[-1] < self.input_channels:
+                raise ValueError(f"{type(self).__name__}: input_channels="
+                                 f"{self.input_channels} but the images have {x.shape[-1]} "
+                                 f"channels; got {x.shape=}")
+            x = x[..., :self.input_channels]
         out_dtype = self.dtype or x.dtype
         dtype = self.dtype or _checks.compute_dtype(x.dtype)
         # 1x1 convs as matrix products: XLA:CPU's 1x1 weight gradient is 5x slower as a
@@ -356,7 +369,8 @@ def ResNet18(num_classes: int, **kwargs: Any) -> ResNet:
       **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
         "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
         ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+        ``dbn_groups``, ``gcp_dim``,
+        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
 
     Returns:
       The ResNet ``ResNet(num_classes, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
@@ -387,7 +401,8 @@ def ResNet34(num_classes: int, **kwargs: Any) -> ResNet:
       **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
         "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
         ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+        ``dbn_groups``, ``gcp_dim``,
+        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
 
     Returns:
       The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock,
@@ -418,7 +433,8 @@ def ResNet50(num_classes: int, **kwargs: Any) -> ResNet:
       **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
         "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
         ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+        ``dbn_groups``, ``gcp_dim``,
+        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
 
     Returns:
       The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
@@ -448,7 +464,8 @@ def CifarResNet18(num_classes: int, **kwargs: Any) -> ResNet:
       num_classes: classifier outputs (>= 1).
       **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem_norm`` ("bn" | "dbn"),
         ``head`` ("gap" | "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``,
-        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``,
+        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``,
+        ``input_channels``, ``axis_name``, ``dtype``,
         ``act`` (see :class:`ResNet`).
 
     Returns:
@@ -480,7 +497,8 @@ def CifarResNet50(num_classes: int, **kwargs: Any) -> ResNet:
       num_classes: classifier outputs (>= 1).
       **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem_norm`` ("bn" | "dbn"),
         ``head`` ("gap" | "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``,
-        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``,
+        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``,
+        ``input_channels``, ``axis_name``, ``dtype``,
         ``act`` (see :class:`ResNet`).
 
     Returns:
@@ -513,7 +531,8 @@ def TinyResNet(num_classes: int, **kwargs: Any) -> ResNet:
       **kwargs: any other ResNet attribute: ``num_filters`` (8 here), ``stem`` ("cifar"
         here, or "imagenet"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"),
         ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+        ``dbn_groups``, ``gcp_dim``,
+        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
 
     Returns:
       The ResNet ``ResNet(num_classes, stage_sizes=(1, 1), block_cls=ResNetBlock,

@@ -43,10 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # --- data ---------------------------------------------------------------------------
     config.dataset = "digits"  # "digits" | "cifar10" | "cifar100" | "imagenet2012"
-    config.data_dir = None  # tfds data_dir (ImageNet: manual_dir is <data_dir>/downloads/manual)
+    # tfds data_dir (ImageNet: manual_dir is <data_dir>/downloads/manual). A str placeholder
+    # (value None) so that `--config.data_dir=DIR` can set it (ml_collections config_flags).
+    config.data_dir = ml_collections.config_dict.placeholder(str)
     config.image_size = -1  # -1: dataset default (digits 16, cifar 32, imagenet 224)
     config.max_train_examples = -1  # -1 = all; >0 takes the first N (demo / tests)
     config.max_eval_examples = -1
+    config.input_channels = -1  # -1: all; 1: the model keeps the digits' one grey channel
     config.shuffle_buffer = 50_000  # whole CIFAR train split; ImageNet: ~16_384 (memory)
     # --- model / method -----------------------------------------------------------------
     config.model = "TinyResNet"  # network factory in svdcond_jax.models
@@ -66,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.learning_rate = 0.1
     config.momentum = 0.9
     config.weight_decay = 5e-4
-    config.lr_boundaries_epochs = [10, 20]  # lr *= lr_decay at each of these epochs
+    # lr *= lr_decay at each of these epochs; a tuple so that config_flags can override it
+    # (`--config.lr_boundaries_epochs='(5, 8)'`); lists assigned to it become tuples
+    config.lr_boundaries_epochs = (10, 20)
     config.lr_decay = 0.1
     config.ol_coeff = 1e-2  # orthogonality-loss weight (the paper gives none; Sec. 4.2)
     # --- telemetry / output -------------------------------------------------------------
@@ -194,6 +199,7 @@ RULES: dict[str, Rule] = {
     "image_size": _int(1, or_minus_one=True),
     "max_train_examples": _int(1, or_minus_one=True),
     "max_eval_examples": _int(1, or_minus_one=True),
+    "input_channels": _int(1, or_minus_one=True),
     "shuffle_buffer": _int(1),
     "model": _model,
     "num_filters": _int(1, or_minus_one=True),

@@ -4,13 +4,17 @@ The covariance the meta-layer decomposes is computed on the host in float64 from
 layer's output features, and its eigenvalues come from ``meta_layer.eigvalsh_f64`` (float32
 cannot resolve kappa above ~1e6). Reported per record:
 
-- ``kappa_raw``: lambda_max / lambda_min of the covariance (Eq. 1). When lambda_min <= 0 or
-  kappa exceeds :data:`KAPPA_CAP` (= 1 / float64 eps ~ 4.5e15), the value is capped at
-  ``KAPPA_CAP`` and ``singular`` is True: such a number is not a condition number, it means
-  "singular in float64". A 3x3 conv from 3 channels has rank <= 27, so its raw covariance is
-  singular for every method (``rank`` < ``dim`` makes that visible).
+- ``kappa_raw``: lambda_max / lambda_min of the covariance (Eq. 1). When the covariance is
+  singular (numerical rank < dim, or kappa at or above :data:`KAPPA_CAP` = 1 / float64 eps
+  ~ 4.5e15) ``singular`` is True and ``kappa_raw`` is None (JSON null): such a number is not
+  a condition number; ``rank`` and ``dim`` say how singular. A 3x3 conv from 3 channels has
+  rank <= 27 (from one grey channel: <= 9), so its raw covariance is singular for every
+  method when it has more output channels.
 - ``kappa_eps``: the same for P + eps*I, eps being the layer's own (DBN: ``dbn_eps``;
-  GCP: 0 -> equal to kappa_raw). This is the matrix the DBN actually decomposes.
+  GCP: 0 -> equal to kappa_raw, None when singular). The matrix the DBN decomposes.
+- ``kappa_nonzero``: lambda_max over the smallest eigenvalue above the rank threshold, the
+  condition number on the covariance's range: finite for singular covariances too, so a
+  singular run still has a meaningful curve.
 - ``lambda_max``, ``lambda_min`` (of the raw covariance), ``rank`` (numerical rank:
   eigenvalues > lambda_max * dim * float64 eps, NumPy's matrix_rank tolerance) and ``dim``.
 
@@ -71,14 +75,21 @@ def eigen_stats(p: np.ndarray, *, eps: float = 0.0) -> dict[str, np.ndarray]:
         eps: the layer's eps*I (added in float64; eigenvalues shift by exactly eps).
 
     Returns:
-        Arrays of shape (...,): kappa_raw, kappa_eps, lambda_max, lambda_min, rank, singular.
+        Arrays of shape (...,): kappa_raw, kappa_eps, kappa_nonzero (lambda_max over the
+        smallest eigenvalue above the rank threshold), lambda_max, lambda_min, rank,
+        singular. Kappas are capped at :data:`KAPPA_CAP` here (``conditioning_stats``
+        turns capped values into None).
     """
     lam = eigvalsh_f64(p)
     dim = lam.shape[-1]
     lo, hi = lam[..., 0], lam[..., -1]
-    rank = np.sum(lam > np.maximum(hi, 0.0)[..., None] * dim * EPS64, axis=-1)
+    tol = np.maximum(hi, 0.0)[..., None] * dim * EPS64
+    above = lam > tol
+    rank = np.sum(above, axis=-1)
     kappa_raw = _kappa(lo, hi)
+    lo_nonzero = np.min(np.where(above, lam, np.inf), axis=-1)  # inf when rank is 0
     return {"kappa_raw": kappa_raw, "kappa_eps": _kappa(lo + eps, hi + eps),
+            "kappa_nonzero": _kappa(np.where(np.isfinite(lo_nonzero), lo_nonzero, 0.0), hi),
             "lambda_max": hi, "lambda_min": lo, "rank": rank,
             "singular": (kappa_raw >= KAPPA_CAP) | (rank < dim)}
 
@@ -94,16 +105,18 @@ def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
             over all batch positions (decorrelated BN).
 
     Returns:
-        dict with kappa_raw, kappa_eps, lambda_max, lambda_min, rank, dim, singular, finite
-        (and kappa_eps_max when per_image); with non-finite features finite is False and
-        the other statistics but dim are None.
+        dict with kappa_raw, kappa_eps, kappa_nonzero, lambda_max, lambda_min, rank, dim,
+        singular, finite (and kappa_eps_max when per_image); a kappa of a singular matrix
+        is None (never the 4.5e15 cap); with non-finite features finite is False and the
+        other statistics but dim are None.
     """
     x = np.asarray(features, dtype=np.float64)
     if x.ndim < 4:
         raise ValueError(f"features must be NHWC with optional leading axes; got {x.shape=}")
     c = x.shape[-1]
     if not np.all(np.isfinite(x)):
-        keys = ["kappa_raw", "kappa_eps", "lambda_max", "lambda_min", "rank", "singular"]
+        keys = ["kappa_raw", "kappa_eps", "kappa_nonzero", "lambda_max", "lambda_min", "rank",
+                "singular"]
         if per_image:
             keys.append("kappa_eps_max")
         return {**dict.fromkeys(keys), "dim": int(c), "finite": False}
@@ -118,15 +131,28 @@ def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
         stats = eigen_stats(covariance_f64(x.reshape(-1, c).T), eps=eps)
         out = {k: float(v) for k, v in stats.items() if k not in ("singular", "rank")}
         out["rank"], out["singular"] = int(stats["rank"]), bool(stats["singular"])
+    for key in ("kappa_raw", "kappa_eps", "kappa_nonzero", "kappa_eps_max"):
+        if key in out and out[key] >= KAPPA_CAP:
+            out[key] = None  # "singular in float64" is not a number: None, with rank and dim
+    if out["singular"] and not per_image:
+        out["kappa_raw"] = None
     out["dim"] = int(c)
     out["finite"] = True
     return out
 
 
 def format_kappa(record: dict[str, Any]) -> str:
-    """Short progress-bar text: kappa_eps, and the raw one or "singular(rank r/d)"."""
+    """Short progress-bar text of a conditioning record.
+
+    kappa_eps ("sing" if singular), then the raw kappa, or "sing(r<rank>/<dim>)" followed
+    by "nz<kappa on the non-zero spectrum>".
+    """
     if record.get("finite") is False:
         return "non-finite"
     raw = (f"sing(r{record['rank']}/{record['dim']})" if record["singular"]
-           else f"{record['kappa_raw']:.1e}")
-    return f"{record['kappa_eps']:.1e}|{raw}"
+           or record.get("kappa_raw") is None else f"{record['kappa_raw']:.1e}")
+    eps, nonzero = record.get("kappa_eps"), record.get("kappa_nonzero")
+    text = f"{'sing' if eps is None else f'{eps:.1e}'}|{raw}"
+    if record["singular"] and nonzero is not None:
+        text += f"|nz{nonzero:.1e}"
+    return text

@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +84,8 @@ def create_model(config: Any, spec: MethodSpec, task: str, num_classes: int,
     """Instantiates ``svdcond_jax.models.<config.model>`` for a method and task.
 
     Args:
-        config: reads model, num_filters, half_precision, dbn_eps, dbn_groups, gcp_dim, ns_iters.
+        config: reads model, num_filters, input_channels, half_precision, dbn_eps,
+            dbn_groups, gcp_dim, ns_iters.
         spec: parsed method.
         task: "dbn" | "gcp".
         num_classes: classifier outputs.
@@ -96,8 +99,24 @@ def create_model(config: Any, spec: MethodSpec, task: str, num_classes: int,
         raise ValueError(f"Unknown model {config.model!r} in svdcond_jax.models")
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     extra = {"num_filters": int(config.num_filters)} if config.num_filters > 0 else {}
+    if config.get("input_channels", -1) > 0:
+        extra["input_channels"] = int(config.input_channels)
     return cls(num_classes=num_classes, axis_name=axis_name, dtype=dtype,
                dbn_groups=int(config.dbn_groups), **extra, **model_options(spec, task, config))
+
+
+_SETUPS: collections.OrderedDict[str, Setup] = collections.OrderedDict()
+_SETUP_CACHE_SIZE = 16
+
+
+def _setup_key(config: Any, num_classes: int, steps_per_epoch: int,
+               axis_name: str | None) -> str | None:
+    """The cache key of a setup: the config without ``seed`` (None: not a ConfigDict)."""
+    if not hasattr(config, "to_dict"):
+        return None
+    fields = {k: v for k, v in config.to_dict().items() if k != "seed"}
+    return json.dumps([fields, num_classes, steps_per_epoch, axis_name], sort_keys=True,
+                      default=repr)
 
 
 def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
@@ -106,7 +125,26 @@ def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
 
     Every method uses ``pre_svd_sgd`` (torch-style SGD: coupled weight decay and momentum);
     only ``nog``/``olr`` differ, so the baselines share the exact same update rule.
+
+    The same config up to ``seed`` returns the same :class:`Setup` object (the last 16 are
+    kept): a seed changes parameters and data order, not the model or optimizer, so the
+    runs of a sweep's seeds share their compiled steps (``steps.make_parallel`` is cached
+    too, and jit's cache keys on the model and optimizer objects of the train state).
     """
+    key = _setup_key(config, num_classes, steps_per_epoch, axis_name)
+    if key is not None and key in _SETUPS:
+        _SETUPS.move_to_end(key)
+        return _SETUPS[key]
+    setup = _create_setup(config, num_classes, steps_per_epoch, axis_name)
+    if key is not None:
+        _SETUPS[key] = setup
+        while len(_SETUPS) > _SETUP_CACHE_SIZE:
+            _SETUPS.popitem(last=False)
+    return setup
+
+
+def _create_setup(config: Any, num_classes: int, steps_per_epoch: int,
+                  axis_name: str | None) -> Setup:
     spec = parse_method(config.method)
     task = resolve_task(config.task, config.dataset)
     model = create_model(config, spec, task, num_classes, axis_name)
@@ -229,10 +267,27 @@ def create_train_state(rng: jax.Array, setup: Setup, image_shape: tuple[int, int
     Returns:
         A :class:`TrainState` at step 0.
     """
-    variables = jax.jit(lambda k: setup.model.init(k, jnp.zeros((2, *image_shape)),
-                                                   train=False))(rng)
+    variables = _init_fn(setup.model, tuple(image_shape))(rng)
     params = variables["params"]
     find_param(params, setup.pre_svd_pattern)  # fail loudly on a bad selection
     return TrainState.create(apply_fn=setup.model.apply, params=params, tx=setup.tx,
                              batch_stats=variables.get("batch_stats", {}),
                              svd_failures=jnp.zeros((), jnp.int32))
+
+
+_INIT_FNS: collections.OrderedDict[tuple[int, tuple[int, ...]], tuple[nn.Module, Callable]] = (
+    collections.OrderedDict())
+
+
+def _init_fn(model: nn.Module, image_shape: tuple[int, ...]) -> Callable[[jax.Array], Any]:
+    """The jitted ``model.init`` (one per model object: seeds of a sweep share the cached
+    setup's model, so they reuse it). Keyed by identity: a module with a dict attribute
+    (``meta_kwargs``) is not hashable."""
+    key = (id(model), image_shape)
+    entry = _INIT_FNS.get(key)
+    if entry is None or entry[0] is not model:
+        fn = jax.jit(lambda k: model.init(k, jnp.zeros((2, *image_shape)), train=False))
+        entry = _INIT_FNS[key] = (model, fn)
+        while len(_INIT_FNS) > _SETUP_CACHE_SIZE:
+            _INIT_FNS.popitem(last=False)
+    return entry[1]

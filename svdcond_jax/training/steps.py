@@ -185,6 +185,7 @@ def create_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
 
 
+@functools.lru_cache(maxsize=16)
 def make_parallel(mode: str, *, learning_rate_fn: optax.Schedule | None = None,
                   ol_coeff: float, ol_pattern: str | None, capture_stem: bool) -> Parallel:
     """Compiles the steps for ``mode`` "jit" (Mesh + NamedSharding) or "pmap".
@@ -193,6 +194,10 @@ def make_parallel(mode: str, *, learning_rate_fn: optax.Schedule | None = None,
     ``jax.make_array_from_process_local_data`` assembles the global array; under "pmap"
     each process maps over its local devices. Both need ``jax.distributed.initialize()``
     to be called first (see ``training.distributed.initialize``).
+
+    Cached (the last 16 argument combinations): the same arguments return the same jitted
+    functions, so runs that differ only in their seed (same ``state.create_setup`` object,
+    hence the same train-state structure) compile each step once per process.
     """
     if mode not in ("jit", "pmap"):
         raise ValueError(f"parallel={mode!r}; valid: 'jit', 'pmap'")

@@ -38,6 +38,7 @@ import numpy as np
 
 KINDS = ("train", "eval", "conditioning", "summary")
 METRICS_FILE = "metrics.jsonl"
+HPARAM_KEYS = ("dim", "seed")  # per-run constants: TensorBoard hparams, not curves
 
 
 def _plain(value: Any) -> Any:
@@ -156,6 +157,7 @@ class MetricsWriter:
         self.count = int(first_seq)  # seq of the next record = records in the history
         self._path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
+        self._hparams: dict[str, Any] = {}
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
@@ -175,14 +177,35 @@ class MetricsWriter:
         with open(self._path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            scalars = {f"{kind}/{k}": float(v) for k, v in record.items()
-                       if k not in ("step", "kind", "seq") and isinstance(v, (int, float))}
-            if scalars:
-                self._tb.write_scalars(int(step), scalars)
+            self._write_tensorboard(step, kind, record)
         return record
 
+    def _write_tensorboard(self, step: int, kind: str, record: dict[str, Any]) -> None:
+        """Curves for what changes over steps; per-run constants as hparams (at close).
+
+        None (e.g. the kappa of a singular matrix) is not written: TensorBoard never shows
+        the 1/eps cap as if it were a condition number.
+        """
+        if kind == "summary":
+            self._hparams.update({k: v for k, v in record.items()
+                                  if k not in ("step", "kind", "seq")
+                                  and isinstance(v, (int, float, str, bool))})
+            return
+        scalars = {}
+        for k, v in record.items():
+            if k in ("step", "kind", "seq") or not isinstance(v, (int, float)):
+                continue
+            if k in HPARAM_KEYS:
+                self._hparams[k] = v
+            else:
+                scalars[f"{kind}/{k}"] = float(v)
+        if scalars:
+            self._tb.write_scalars(int(step), scalars)
+
     def close(self) -> None:
-        """Flushes and closes TensorBoard."""
+        """Writes the run's hparams, flushes and closes TensorBoard."""
         if self._tb is not None:
+            if self._hparams:
+                self._tb.write_hparams(dict(self._hparams))
             self._tb.flush()
             self._tb.close()
