@@ -1,0 +1,66 @@
+"""A tiny multi-process training program for tests/test_distributed.py (not a test).
+
+``python -m tests._dist_worker WORKDIR STEPS [WORKDIR STEPS ...] [--sleep_after_step S]``:
+joins the ``jax.distributed`` program described by the environment (experiments/launch.py
+sets it), then trains the tiny digits config of :func:`tiny_config` into each WORKDIR up to
+STEPS steps, one after the other (resuming what a WORKDIR holds). It prints one line
+``DONE <workdir> <steps> <val_error>`` per run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from svdcond_jax.training import distributed
+
+
+def tiny_config(num_train_steps: int):
+    """Digits, TinyResNet with 4 filters, global batch 16, a checkpoint every epoch (2 steps)."""
+    from svdcond_jax.training.config import get_config
+
+    config = get_config()
+    config.update(dict(method="svd+nog+olr", num_filters=4, image_size=8, batch_size=16,
+                       eval_batch_size=16, max_train_examples=32, max_eval_examples=24,
+                       num_train_steps=num_train_steps, monitor_every_steps=2,
+                       log_every_steps=1, lr_boundaries_epochs=[1], progress_bar=False,
+                       max_checkpoints_to_keep=10))
+    return config
+
+
+def main(argv: list[str]) -> int:
+    """Runs the (WORKDIR, STEPS) pairs of ``argv``."""
+    sleep = 0.0
+    if "--sleep_after_step" in argv:
+        i = argv.index("--sleep_after_step")
+        sleep = float(argv[i + 1])
+        del argv[i:i + 2]
+    distributed.initialize(heartbeat_timeout_s=10)
+    import jax
+
+    from svdcond_jax.training import loop
+
+    if sleep:
+        original = loop.steps.Parallel.__init__
+
+        def slow_init(self, *args, **kwargs):  # every train step then takes >= sleep seconds
+            original(self, *args, **kwargs)
+            step = self.train_step
+
+            def slow(state, batch):
+                out = step(state, batch)
+                jax.block_until_ready(out)
+                time.sleep(sleep)
+                return out
+
+            self.train_step = slow
+
+        loop.steps.Parallel.__init__ = slow_init
+    for workdir, steps in zip(argv[::2], argv[1::2], strict=True):
+        summary = loop.train_and_evaluate(tiny_config(int(steps)), workdir)
+        print(f"DONE {workdir} {summary['steps']} {summary['val_error']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
