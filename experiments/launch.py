@@ -138,20 +138,21 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int =
             t.start()
             pumps.append(t)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while code == 0 and any(p.poll() is None for p in procs):
+        failed: list[int] = []  # processes that exited non-zero, in the order seen
+        while True:
+            status = [p.poll() for p in procs]  # poll every process, every time
+            failed += [i for i, rc in enumerate(status) if rc not in (None, 0)
+                       and i not in failed]
+            if failed or all(rc is not None for rc in status):
+                code = _exit_code(procs[failed[0]].returncode) if failed else 0
+                break
             if deadline is not None and time.monotonic() > deadline:
                 with lock:
                     out.write(f"[launch] timeout after {timeout_s} s: stopping all\n")
                 code = 124
                 break
             time.sleep(0.05)
-            code = next((_exit_code(p.returncode) for p in procs
-                         if p.returncode not in (None, 0)), 0)
-        if code == 0:
-            code = next((_exit_code(p.returncode) for p in procs
-                         if p.returncode not in (None, 0)), 0)
-        if code:
-            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        if failed:
             with lock:
                 out.write(f"[launch] exit code {code} (process(es) {failed}): stopping all\n")
     except KeyboardInterrupt:

@@ -1,10 +1,13 @@
 """A tiny multi-process training program for tests/test_distributed.py (not a test).
 
-``python -m tests._dist_worker WORKDIR STEPS [WORKDIR STEPS ...] [--sleep_after_step S]``:
+``python -m tests._dist_worker WORKDIR STEPS [WORKDIR STEPS ...] [--sleep_after_step S]
+[--fail_process K]``:
 joins the ``jax.distributed`` program described by the environment (experiments/launch.py
 sets it), then trains the tiny digits config of :func:`tiny_config` into each WORKDIR up to
 STEPS steps, one after the other (resuming what a WORKDIR holds). It prints one line
-``DONE <workdir> <steps> <val_error>`` per run.
+``DONE <workdir> <steps> <val_error>`` per run. ``--sleep_after_step`` slows every step
+(to kill a process mid-run); ``--fail_process K`` makes process K raise at once while the
+others wait for it in a collective (to test the launcher).
 """
 
 from __future__ import annotations
@@ -35,8 +38,20 @@ def main(argv: list[str]) -> int:
         i = argv.index("--sleep_after_step")
         sleep = float(argv[i + 1])
         del argv[i:i + 2]
+    fail = -1
+    if "--fail_process" in argv:
+        i = argv.index("--fail_process")
+        fail = int(argv[i + 1])
+        del argv[i:i + 2]
     distributed.initialize(heartbeat_timeout_s=10)
     import jax
+
+    if jax.process_index() == fail:
+        raise RuntimeError(f"process {fail} fails on purpose")
+    if fail >= 0:  # the others wait for it in a collective (the launcher must end them)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("never completes")
 
     from svdcond_jax.training import loop
 

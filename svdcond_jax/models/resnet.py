@@ -41,8 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from svdcond_jax.nn.pointwise_conv import conv_general_dilated
 from svdcond_jax.nn import _checks
+from svdcond_jax.nn.pointwise_conv import conv_general_dilated
 from svdcond_jax.nn.pooling import CovariancePooling, check_pre_svd, pre_svd_conv
 from svdcond_jax.nn.whitening import DecorrelatedBatchNorm
 
