@@ -46,6 +46,10 @@ def main(argv: list[str]) -> int:
     distributed.initialize(heartbeat_timeout_s=10)
     import jax
 
+    from svdcond_jax.training import runtime
+
+    runtime.enable_compilation_cache()  # $SVDCOND_JAX_CACHE_DIR: shared by the test's runs
+
     if jax.process_index() == fail:
         raise RuntimeError(f"process {fail} fails on purpose")
     if fail >= 0:  # the others wait for it in a collective (the launcher must end them)

@@ -56,6 +56,25 @@ def _records(workdir: str) -> list[dict]:
     return writers.read_metrics(workdir)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs, in and out of process."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    previous = (jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs,
+                os.environ.get("SVDCOND_JAX_CACHE_DIR"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.environ["SVDCOND_JAX_CACHE_DIR"] = path  # the workers' runtime.enable_compilation_cache
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    if previous[2] is None:
+        os.environ.pop("SVDCOND_JAX_CACHE_DIR", None)
+    else:
+        os.environ["SVDCOND_JAX_CACHE_DIR"] = previous[2]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """1 process x 2 devices (this process): ``one`` to 4 steps (checkpoints 2 and 4);
@@ -127,7 +146,7 @@ def _start(workdir: str, address: str, index: int, log: str) -> subprocess.Popen
     env = launch.process_env(os.environ, address, 2, index, 1)
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", WORKER, workdir, "4",
-                                 "--sleep_after_step", "1.5"], env=env, stdout=f,
+                                 "--sleep_after_step", "1"], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -185,3 +204,51 @@ def test_pmap_is_refused_with_several_processes(monkeypatch):
     config.parallel = "pmap"
     with pytest.raises(ValueError, match="config.parallel='pmap'"):
         loop.train_and_evaluate(config, "/nonexistent/never/created")
+
+
+def _as_process(monkeypatch, index: int, count: int) -> None:
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_in_memory_shares_are_the_rows_of_the_one_process_batches(monkeypatch, count):
+    config = tiny_config(2)
+    config.max_train_examples, config.max_eval_examples = 100, 50
+    data = input_pipeline.load_data(config)
+    per_process, kw = 8, {"seed": 5, "epoch": 1, "start_batch": 1}
+    whole = list(input_pipeline.train_batches(data, batch_size=per_process * count, **kw))
+    evals = list(input_pipeline.eval_batches(data, batch_size=per_process * count))
+    shares, eval_shares = [], []
+    for p in range(count):
+        _as_process(monkeypatch, p, count)
+        shares.append(list(input_pipeline.train_batches(data, batch_size=per_process, **kw)))
+        eval_shares.append(list(input_pipeline.eval_batches(data, batch_size=per_process)))
+    monkeypatch.undo()
+    assert len(whole) == 100 // (per_process * count) - 1 > 0
+    for p in range(count):
+        assert len(shares[p]) == len(whole) and len(eval_shares[p]) == len(evals)
+    for b, batch in enumerate(whole):  # global batch = the processes' rows, in order
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([shares[p][b][key] for p in range(count)]), batch[key])
+    for b, batch in enumerate(evals):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(
+                np.concatenate([eval_shares[p][b][key] for p in range(count)]), batch[key])
+    assert sum(float(s["mask"].sum()) for share in eval_shares for s in share) == 50
+
+
+def test_file_shares_pad_evaluation_to_the_largest_share(monkeypatch):
+    config = tiny_config(2)
+    config.max_eval_examples = 20
+    data = input_pipeline.load_data(config)
+    # As if this process read 20 examples of its files and another one 37.
+    split = input_pipeline.Split(**{**data.eval.__dict__, "global_rows": False,
+                                    "min_share": 20, "max_share": 37})
+    data = input_pipeline.Data(data.train, split, data.num_classes, data.image_size)
+    _as_process(monkeypatch, 0, 2)
+    batches = list(input_pipeline.eval_batches(data, batch_size=8))
+    assert len(batches) == 5 == split.eval_batches(8)  # ceil(37 / 8), the other's count
+    assert [float(b["mask"].sum()) for b in batches] == [8, 8, 4, 0, 0]
+    assert split.train_steps(8) == 2  # the smallest share decides (20 // 8)
