@@ -1,17 +1,19 @@
 """A tiny multi-process training program for tests/test_distributed.py (not a test).
 
 ``python -m tests._dist_worker WORKDIR STEPS [WORKDIR STEPS ...] [--sleep_after_step S]
-[--fail_process K]``:
+[--fail_process K] [--set KEY=JSON ...]``:
 joins the ``jax.distributed`` program described by the environment (experiments/launch.py
 sets it), then trains the tiny digits config of :func:`tiny_config` into each WORKDIR up to
 STEPS steps, one after the other (resuming what a WORKDIR holds). It prints one line
 ``DONE <workdir> <steps> <val_error>`` per run. ``--sleep_after_step`` slows every step
 (to kill a process mid-run); ``--fail_process K`` makes process K raise at once while the
-others wait for it in a collective (to test the launcher).
+others wait for it in a collective (to test the launcher); ``--set`` overrides a config
+field (JSON value), e.g. ``--set num_filters=16``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -37,6 +39,12 @@ def main(argv: list[str]) -> int:
     if "--sleep_after_step" in argv:
         i = argv.index("--sleep_after_step")
         sleep = float(argv[i + 1])
+        del argv[i:i + 2]
+    overrides = {}
+    while "--set" in argv:  # --set key=json_value (e.g. --set num_filters=16)
+        i = argv.index("--set")
+        key, _, value = argv[i + 1].partition("=")
+        overrides[key] = json.loads(value)
         del argv[i:i + 2]
     fail = -1
     if "--fail_process" in argv:
@@ -76,8 +84,11 @@ def main(argv: list[str]) -> int:
 
         loop.steps.Parallel.__init__ = slow_init
     for workdir, steps in zip(argv[::2], argv[1::2], strict=True):
-        summary = loop.train_and_evaluate(tiny_config(int(steps)), workdir)
-        print(f"DONE {workdir} {summary['steps']} {summary['val_error']}", flush=True)
+        config = tiny_config(int(steps))
+        config.update(overrides)
+        summary = loop.train_and_evaluate(config, workdir)
+        print(f"DONE {workdir} {summary['steps']} {summary['val_error']} steps_per_s="
+              f"{summary['steps_per_s']}", flush=True)
     return 0
 
 

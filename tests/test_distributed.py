@@ -85,7 +85,6 @@ def runs(tmp_path_factory):
     assert jax.process_count() == 1 and jax.device_count() == 2
     loop.train_and_evaluate(tiny_config(2), one)
     shutil.copytree(one, resumed)
-    os.remove(os.path.join(resumed, "run.lock"))
     loop.train_and_evaluate(tiny_config(4), one)
     code, out = _launch(two, "4", resumed, "4")
     assert code == 0, out[-4000:]
@@ -170,7 +169,6 @@ def test_killed_process_ends_the_run_and_it_resumes_in_one_process(runs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
-    os.remove(os.path.join(workdir, "run.lock"))
     summary = loop.train_and_evaluate(tiny_config(4), workdir)  # 1 process x 2 devices
     assert summary["steps"] == 4
     _assert_close(checkpointing.load_arrays(workdir, 4),
