@@ -10,9 +10,9 @@ Each process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_P
 must call first) and ``XLA_FLAGS`` with ``--xla_force_host_platform_device_count`` set to
 ``--devices_per_process`` (CPU devices; other XLA flags are kept). Every output line of
 process ``i`` is printed prefixed with ``[pi]``. The first process that exits non-zero (or
-Ctrl-C, or the timeout) ends all of them (SIGTERM to each process group, SIGKILL after a
+Ctrl-C, SIGTERM, or the timeout) ends all of them (SIGTERM to each process group, SIGKILL after a
 grace period); the exit code is the first non-zero one (128 + signal for a killed process,
-124 on timeout, 130 on Ctrl-C), else 0.
+124 on timeout, 130 on Ctrl-C, 143 on SIGTERM), else 0.
 
 This is for one machine (a workstation, CI, a smoke test of a cluster job); on a cluster
 the scheduler starts the processes (docs/distributed.md).
@@ -95,6 +95,14 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
             time.sleep(0.05)
 
 
+class _Terminated(Exception):
+    """The launcher received SIGTERM (e.g. from a scheduler): stop the processes, exit."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def launch(command: Sequence[str], *, processes: int, devices_per_process: int = 1,
            timeout_s: float | None = None, out: TextIO | None = None,
            env: Mapping[str, str] | None = None) -> int:
@@ -110,7 +118,7 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int =
 
     Returns:
         The first non-zero exit code (128 + signal for a killed process), 124 on timeout,
-        130 on Ctrl-C, else 0.
+        130 on Ctrl-C, 143 on SIGTERM (the processes are stopped in every case), else 0.
 
     Raises:
         ValueError: ``processes`` or ``devices_per_process`` < 1, or an empty command.
@@ -122,6 +130,18 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int =
         raise ValueError("command is empty: give a module after '--'")
     out = sys.stdout if out is None else out
     base = os.environ if env is None else env
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return _launch(command, processes, devices_per_process, timeout_s, out, base)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return _launch(command, processes, devices_per_process, timeout_s, out, base)
+
+
+def _launch(command: Sequence[str], processes: int, devices_per_process: int,
+            timeout_s: float | None, out: TextIO, base: Mapping[str, str]) -> int:
+    """:func:`launch` after the argument checks."""
     address = f"127.0.0.1:{free_port()}"
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
@@ -157,6 +177,8 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int =
                 out.write(f"[launch] exit code {code} (process(es) {failed}): stopping all\n")
     except KeyboardInterrupt:
         code = 130
+    except _Terminated:
+        code = 128 + signal.SIGTERM
     finally:
         _stop(procs)
         for t in pumps:

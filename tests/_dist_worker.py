@@ -1,14 +1,15 @@
 """A tiny multi-process training program for tests/test_distributed.py (not a test).
 
 ``python -m tests._dist_worker WORKDIR STEPS [WORKDIR STEPS ...] [--sleep_after_step S]
-[--fail_process K] [--set KEY=JSON ...]``:
+[--fail_process K] [--set KEY=JSON ...] [--mock_tfds N]``:
 joins the ``jax.distributed`` program described by the environment (experiments/launch.py
 sets it), then trains the tiny digits config of :func:`tiny_config` into each WORKDIR up to
 STEPS steps, one after the other (resuming what a WORKDIR holds). It prints one line
 ``DONE <workdir> <steps> <val_error>`` per run. ``--sleep_after_step`` slows every step
 (to kill a process mid-run); ``--fail_process K`` makes process K raise at once while the
 others wait for it in a collective (to test the launcher); ``--set`` overrides a config
-field (JSON value), e.g. ``--set num_filters=16``.
+field (JSON value), e.g. ``--set num_filters=16``; ``--mock_tfds N`` runs under
+``tfds.testing.mock_data(num_examples=N)`` (per process: each reads its mocked share).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main(argv: list[str]) -> int:
         i = argv.index("--set")
         key, _, value = argv[i + 1].partition("=")
         overrides[key] = json.loads(value)
+        del argv[i:i + 2]
+    mock = 0
+    if "--mock_tfds" in argv:  # TFDS datasets from tfds.testing.mock_data(num_examples=N)
+        i = argv.index("--mock_tfds")
+        mock = int(argv[i + 1])
         del argv[i:i + 2]
     fail = -1
     if "--fail_process" in argv:
@@ -86,7 +92,13 @@ def main(argv: list[str]) -> int:
     for workdir, steps in zip(argv[::2], argv[1::2], strict=True):
         config = tiny_config(int(steps))
         config.update(overrides)
-        summary = loop.train_and_evaluate(config, workdir)
+        if mock:
+            import tensorflow_datasets as tfds
+
+            with tfds.testing.mock_data(num_examples=mock):
+                summary = loop.train_and_evaluate(config, workdir)
+        else:
+            summary = loop.train_and_evaluate(config, workdir)
         print(f"DONE {workdir} {summary['steps']} {summary['val_error']} steps_per_s="
               f"{summary['steps_per_s']}", flush=True)
     return 0

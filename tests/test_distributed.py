@@ -175,6 +175,21 @@ def test_killed_process_ends_the_run_and_it_resumes_in_one_process(runs):
                   checkpointing.load_arrays(runs["one"], 4))
 
 
+def test_tfds_shares_run_in_two_processes(tmp_path):
+    # Each process reads its own (mocked) files; the share sizes are all-gathered at start-up
+    # so that both run the same number of train and eval steps (a mismatch would hang).
+    workdir = str(tmp_path / "tfds")
+    code, out = _launch(workdir, "2", "--mock_tfds", "7", "--set", 'dataset="cifar10"',
+                        "--set", "image_size=8", "--set", "max_train_examples=-1",
+                        "--set", "max_eval_examples=-1", "--set", "batch_size=4",
+                        "--set", "eval_batch_size=4")
+    assert code == 0, out[-4000:]
+    assert f"[p0] DONE {workdir} 2" in out and f"[p1] DONE {workdir} 2" in out
+    records = _records(workdir)
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    assert records[-1]["kind"] == "summary" and records[-1]["steps"] == 2
+
+
 def test_launcher_stops_all_on_the_first_failure():
     code, out = _launch("--fail_process", "1")
     assert code == 1, out[-3000:]
