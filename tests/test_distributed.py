@@ -91,9 +91,14 @@ def runs(tmp_path_factory):
     return {"root": root, "one": one, "two": two, "resumed": resumed, "out": out}
 
 
+def _done_lines(out: str, workdir: str) -> dict[str, str]:
+    return {line[:4]: line[5:] for line in out.splitlines() if f"DONE {workdir} " in line}
+
+
 def test_two_processes_equal_one_process_with_two_devices(runs):
-    assert f"[p0] DONE {runs['two']} 4" in runs["out"]
-    assert f"[p1] DONE {runs['two']} 4" in runs["out"]
+    done = _done_lines(runs["out"], runs["two"])
+    assert done["[p0]"].startswith(f"DONE {runs['two']} 4 ")
+    assert done["[p1]"] == done["[p0]"]  # every process returns process 0's summary
     for step in (2, 4):
         _assert_close(checkpointing.load_arrays(runs["two"], step),
                       checkpointing.load_arrays(runs["one"], step))
@@ -264,4 +269,6 @@ def test_file_shares_pad_evaluation_to_the_largest_share(monkeypatch):
     batches = list(input_pipeline.eval_batches(data, batch_size=8))
     assert len(batches) == 5 == split.eval_batches(8)  # ceil(37 / 8), the other's count
     assert [float(b["mask"].sum()) for b in batches] == [8, 8, 4, 0, 0]
+    assert {(b["image"].shape, b["image"].dtype, b["label"].dtype) for b in batches} == {
+        ((8, 8, 8, 3), np.dtype(np.float32), np.dtype(np.int32))}
     assert split.train_steps(8) == 2  # the smallest share decides (20 // 8)

@@ -340,17 +340,18 @@ def eval_batches(data: Data, *, batch_size: int) -> Iterator[dict[str, np.ndarra
     n, p = jax.process_count(), jax.process_index()
     rows = batch_size * n if split.global_rows else batch_size
     count = 0
-    last = None
     for batch in tfds.as_numpy(ds.batch(rows).prefetch(2)):
-        last = pad_batch(batch, rows)
+        batch = pad_batch(batch, rows)
         if split.global_rows and n > 1:
-            last = {k: v[p * batch_size:(p + 1) * batch_size] for k, v in last.items()}
+            batch = {k: v[p * batch_size:(p + 1) * batch_size] for k, v in batch.items()}
         count += 1
-        yield last
-    if last is not None:
-        empty = {k: np.zeros_like(v) for k, v in last.items()}
-        for _ in range(count, split.eval_batches(batch_size)):
-            yield empty
+        yield batch
+    size = split.image_size
+    empty = {"image": np.zeros((batch_size, size, size, 3), np.float32),
+             "label": np.zeros((batch_size,), np.int32),
+             "mask": np.zeros((batch_size,), np.float32)}
+    for _ in range(count, split.eval_batches(batch_size)):
+        yield empty
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

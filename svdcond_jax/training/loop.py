@@ -36,7 +36,7 @@ round-off), the steps are jit-compiled over the mesh of every process's devices
 any process layout. Only process 0 takes the workdir lock and writes metrics (JSON lines,
 TensorBoard, summary) and integrity records; the conditioning monitor reads the replicated
 features of the whole global batch, so the records equal a one-process run's. Every process
-returns the summary; process 0's is the one written. tests/test_distributed.py runs this
+returns process 0's summary (broadcast). tests/test_distributed.py runs this
 with two local processes.
 
 Example:
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -436,12 +437,31 @@ def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
     bar.close()
     train_time = timer.train_time()
     failures = int(jax.device_get(par.host_state(state).svd_failures))
-    summary = _summary(config, workdir, total, failures, train_time,
-                       max(total - start - 1, 0), writer.count)
-    summary["compile_time_s"] = compile_time
-    if not summary["complete"]:
-        log.warning("%s: the run's history is incomplete (%s); its summary is not a result "
-                    "(complete: false). Delete the workdir and rerun to get one.", workdir,
-                    summary["history_problem"])
+    summary = None
+    if jax.process_index() == 0:  # the only process that wrote (and may read) the history
+        summary = _summary(config, workdir, total, failures, train_time,
+                           max(total - start - 1, 0), writer.count)
+        summary["compile_time_s"] = compile_time
+        if not summary["complete"]:
+            log.warning("%s: the run's history is incomplete (%s); its summary is not a "
+                        "result (complete: false). Delete the workdir and rerun to get one.",
+                        workdir, summary["history_problem"])
+    summary = _from_process_0(summary)
     writer.write(total, "summary", summary)
     return summary
+
+
+def _from_process_0(value: dict[str, Any] | None) -> dict[str, Any]:
+    """Process 0's JSON-ready ``value`` on every process (a broadcast; the value itself with
+    one process)."""
+    if jax.process_count() == 1:
+        assert value is not None
+        return value
+    from jax.experimental import multihost_utils
+
+    data = (np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0
+            else np.zeros(0, np.uint8))
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:data.size] = data
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))))
