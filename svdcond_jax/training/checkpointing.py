@@ -22,6 +22,13 @@ restored (or, without a record, orbax metadata listing arrays of other shapes) m
 config or an incompatible version wrote the workdir: that raises
 :class:`CheckpointMismatchError` and moves nothing.
 
+Process layouts (docs/distributed.md). With several processes orbax writes a checkpoint
+jointly and process 0 writes the record. Restores read into abstract arrays carrying the
+*current* program's sharding (:func:`replicated`), never the saved one, so a checkpoint of N
+processes x M devices restores in any other layout (one process included). The digest is of
+each array's global value (the replicated state's local copy; a cross-process sharded array
+is gathered), so a record written by 2 processes verifies when 1 process restores.
+
 Why a digest of the restored arrays (not of the files): it checks exactly what training
 will continue from, whatever orbax's file layout (OCDBT, compression) is, and costs one
 host pass over the state per checkpoint.

@@ -76,7 +76,7 @@ class DatasetNotPreparedError(SystemExit):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split of one dataset, ready for batching (this process's share)."""
+    """One split of one dataset, ready for batching (multi-process: see ``global_rows``)."""
 
     name: str  # dataset name
     train: bool
@@ -346,8 +346,10 @@ def eval_batches(data: Data, *, batch_size: int) -> Iterator[dict[str, np.ndarra
             batch = {k: v[p * batch_size:(p + 1) * batch_size] for k, v in batch.items()}
         count += 1
         yield batch
-    size = split.image_size
-    empty = {"image": np.zeros((batch_size, size, size, 3), np.float32),
+    shape = ds.element_spec["image"].shape
+    shape = (tuple(shape) if shape.is_fully_defined()
+             else (split.image_size, split.image_size, 3))
+    empty = {"image": np.zeros((batch_size, *shape), np.float32),
              "label": np.zeros((batch_size,), np.int32),
              "mask": np.zeros((batch_size,), np.float32)}
     for _ in range(count, split.eval_batches(batch_size)):
