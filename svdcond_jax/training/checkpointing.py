@@ -22,6 +22,13 @@ restored (or, without a record, orbax metadata listing arrays of other shapes) m
 config or an incompatible version wrote the workdir: that raises
 :class:`CheckpointMismatchError` and moves nothing.
 
+Process layouts (docs/distributed.md). With several processes orbax writes a checkpoint
+jointly and process 0 writes the record. Restores read into abstract arrays carrying the
+*current* program's sharding (:func:`replicated`), never the saved one, so a checkpoint of N
+processes x M devices restores in any other layout (one process included). The digest is of
+each array's global value (the replicated state's local copy; a cross-process sharded array
+is gathered), so a record written by 2 processes verifies when 1 process restores.
+
 Why a digest of the restored arrays (not of the files): it checks exactly what training
 will continue from, whatever orbax's file layout (OCDBT, compression) is, and costs one
 host pass over the state per checkpoint.
@@ -78,7 +85,12 @@ def _host(x: Any) -> np.ndarray:
     scalar such as a fresh state's ``step`` compares equal to the int32 it is restored as);
     multi-host arrays give their local copy."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
+        if x.sharding.is_fully_replicated:
+            x = x.addressable_data(0)
+        else:  # sharded across processes: gather the global value (collective)
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
     a = np.asarray(x)
     return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
 
@@ -94,7 +106,13 @@ def tree_structure(tree: Any) -> list[list[Any]]:
 
 
 def tree_digest(tree: Any) -> str:
-    """SHA-256 (hex) of the dtype, shape and bytes of every array of ``tree``, in order."""
+    """SHA-256 (hex) of the dtype, shape and bytes of every array of ``tree``, in order.
+
+    The digest is of each array's global value, so it does not depend on the process
+    layout that holds it: a replicated array (the train state) is read from this process's
+    copy; an array sharded across processes is first gathered (a collective: every process
+    must call this).
+    """
     h = hashlib.sha256()
     for x in jax.tree_util.tree_leaves(tree):
         a = np.ascontiguousarray(_host(x))
@@ -116,6 +134,25 @@ def verify(tree: Any, record: dict[str, Any] | None) -> str | None:
     if record is not None and tree_digest(tree) != record.get("sha256"):
         return "the restored arrays do not match the SHA-256 recorded when it was saved"
     return None
+
+
+def replicated() -> jax.sharding.NamedSharding:
+    """Replication over every device of every process: how checkpoints are restored.
+
+    The train state is replicated (data parallelism), so restoring into this sharding of
+    the *current* program makes a checkpoint independent of the layout that wrote it (N
+    processes x M devices -> any other).
+    """
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _sync(name: str) -> None:
+    """A barrier over all processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -155,8 +192,9 @@ class Checkpointer:
             return
         self._mngr.save(step, args=ocp.args.StandardSave(tree))
         self._mngr.wait_until_finished()
+        digest = tree_digest(tree)  # on every process (a sharded array is gathered)
         if jax.process_index() == 0:
-            record = {"format": _FORMAT, "step": int(step), "sha256": tree_digest(tree),
+            record = {"format": _FORMAT, "step": int(step), "sha256": digest,
                       "arrays": tree_structure(tree), "extra": dict(extra or {})}
             path = os.path.join(self.directory, str(step), INTEGRITY_FILE)
             with open(path + ".tmp", "w") as f:
@@ -195,14 +233,30 @@ class Checkpointer:
         return shapes or None
 
     def restore_raw(self, step: int | None = None) -> dict[str, Any]:
-        """Restores checkpoint ``step`` (default latest) as nested dicts/lists of arrays."""
+        """Restores checkpoint ``step`` (default latest) as nested dicts/lists of arrays.
+
+        Arrays come back replicated over this program's devices (:func:`replicated`),
+        whatever process layout wrote them.
+        """
         step = self.latest_step() if step is None else step
-        return self._mngr.restore(step, args=ocp.args.StandardRestore())
+        sharding = replicated()
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+            self._mngr.item_metadata(step))
+        return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """Restores checkpoint ``step`` (default latest) into the structure of ``target``."""
+        """Restores checkpoint ``step`` (default latest) into the structure of ``target``.
+
+        Arrays come back replicated over this program's devices (:func:`replicated`),
+        whatever process layout wrote them: orbax reads into the current mesh's sharding.
+        """
         step = self.latest_step() if step is None else step
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        sharding = replicated()
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(
+                x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype), sharding=sharding),
+            target)
         return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def quarantine(self, step: int) -> str:
@@ -220,6 +274,7 @@ class Checkpointer:
                 k += 1
                 dst = f"{base}-{k}"
             shutil.move(src, dst)
+        _sync("quarantine")  # the others must not reload before process 0 moved it
         self._mngr.reload()
         return dst
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -28,6 +29,7 @@ import jax
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_HEARTBEAT = "SVDCOND_JAX_HEARTBEAT_TIMEOUT_S"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +101,8 @@ def resolve(coordinator_address: str | None = None, num_processes: int | str | N
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | str | None = None,
-               process_id: int | str | None = None, *, timeout_s: int = 300
-               ) -> DistributedSpec | None:
+               process_id: int | str | None = None, *, timeout_s: int = 300,
+               heartbeat_timeout_s: int | None = None) -> DistributedSpec | None:
     """Connects this process to the others (``jax.distributed.initialize``) when asked to.
 
     Call it before any other jax call that touches devices. See :func:`resolve` for how
@@ -110,7 +112,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | str 
         coordinator_address: "host:port" of process 0, or None (environment).
         num_processes: total process count, or None (environment).
         process_id: this process's index, or None (environment).
-        timeout_s: how long to wait for the other processes.
+        timeout_s: how long to wait for the other processes to connect.
+        heartbeat_timeout_s: after how long without a heartbeat a process counts as dead;
+            then the coordination service fails every other process (they exit with an
+            error instead of waiting forever in a collective). None reads
+            ``SVDCOND_JAX_HEARTBEAT_TIMEOUT_S``, else jax's default (100 s).
 
     Returns:
         The spec, or None when running as one process.
@@ -126,10 +132,37 @@ def initialize(coordinator_address: str | None = None, num_processes: int | str 
         if not jax.config.jax_cpu_collectives_implementation:
             # CPU devices of different processes talk through gloo; harmless on accelerators.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        heartbeat = _as_int("heartbeat_timeout_s", heartbeat_timeout_s
+                            if heartbeat_timeout_s is not None else os.environ.get(ENV_HEARTBEAT))
+        kwargs = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
         jax.distributed.initialize(spec.coordinator_address, spec.num_processes,
-                                   spec.process_id, initialization_timeout=timeout_s)
+                                   spec.process_id, initialization_timeout=timeout_s, **kwargs)
+    _exit_on_uncaught_exception()
     if jax.process_count() != spec.num_processes or jax.process_index() != spec.process_id:
         raise RuntimeError(
             f"jax.distributed reports process {jax.process_index()} of {jax.process_count()}, "
             f"but process {spec.process_id} of {spec.num_processes} was requested")
     return spec
+
+
+def _exit_on_uncaught_exception() -> None:
+    """Makes an uncaught exception end this process at once (after printing it).
+
+    A normal exit runs ``jax.distributed.shutdown`` at interpreter exit, which waits for the
+    other processes, while they wait for this one in their next collective: a run where one
+    process failed would hang until the shutdown timeout. Leaving at once instead stops this
+    process's heartbeats, so the coordination service fails the others after
+    ``heartbeat_timeout_s``, and a launcher (experiments/launch.py) stops them at once.
+    """
+    if getattr(sys.excepthook, "_svdcond_exit", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:  # noqa: ANN001 (sys.excepthook's signature)
+        previous(kind, value, traceback)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    hook._svdcond_exit = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -24,9 +24,19 @@ data is missing the process exits at once (:class:`DatasetNotPreparedError`, a S
 with a message saying what to download and where. This also works under
 ``tfds.testing.mock_data`` (the mock replaces the reading, so nothing is checked on disk).
 
-Multi-host: each process reads ``tfds.split_for_jax_process(split)`` (digits: every
-``process_count``-th example) and produces ``batch_size // process_count`` examples per
-step; the loop assembles the global array with ``jax.make_array_from_process_local_data``.
+Multi-process (docs/distributed.md): every process yields ``batch_size`` examples per step
+(its rows of the global batch of ``batch_size * process_count``); the loop assembles the
+global array with ``jax.make_array_from_process_local_data``.
+
+- In-memory data (``digits``): every process holds the whole split and runs the one-process
+  pipeline over the global batch, keeping only its rows ``[p * B, (p + 1) * B)`` of each
+  global batch (before augmentation, so nothing is computed twice). N processes x M devices
+  therefore see exactly the global batches of one process with N * M devices.
+- TFDS datasets: each process reads only its own files, ``tfds.split_for_jax_process(split)``,
+  and shuffles its share: the global batches then depend on the process count (the same
+  examples per epoch, in another order). An epoch has as many steps as the smallest share
+  fills (the processes must agree), and evaluation pads the smaller shares with empty
+  batches, so every example is evaluated exactly once.
 
 Example:
     >>> from svdcond_jax.training.config import get_config
@@ -66,15 +76,36 @@ class DatasetNotPreparedError(SystemExit):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split of one dataset, ready for batching (this process's share)."""
+    """One split of one dataset, ready for batching (multi-process: see ``global_rows``)."""
 
     name: str  # dataset name
     train: bool
     ds: Any  # tf.data.Dataset of {"image": uint8 (H, W, C), "label": int32}
-    num_examples: int  # examples in this process's share
+    num_examples: int  # examples in ``ds``
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Multi-process layout: ``global_rows`` means ``ds`` holds the whole split and each
+    # process keeps its rows of every global batch (in-memory data); otherwise ``ds`` is this
+    # process's share of the files, and the shares hold ``min_share..max_share`` examples.
+    global_rows: bool = True
+    min_share: int = -1  # -1: num_examples
+    max_share: int = -1
+
+    def train_steps(self, batch_size: int) -> int:
+        """Full global batches per epoch, for a per-process ``batch_size``.
+
+        The same on every process (they must run the same number of compiled steps).
+        """
+        if self.global_rows:
+            return self.num_examples // (batch_size * jax.process_count())
+        return (self.min_share if self.min_share >= 0 else self.num_examples) // batch_size
+
+    def eval_batches(self, batch_size: int) -> int:
+        """Padded evaluation batches that cover the split, for a per-process ``batch_size``."""
+        if self.global_rows:
+            return -(-self.num_examples // (batch_size * jax.process_count()))
+        return -(-(self.max_share if self.max_share >= 0 else self.num_examples) // batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +187,8 @@ def _make_split(config: Any, train: bool) -> Split:
         x, y = (tr_x, tr_y) if train else (va_x, va_y)
         if limit > 0:
             x, y = x[:limit], y[:limit]
-        p, n = jax.process_index(), jax.process_count()
-        ds = tf.data.Dataset.from_tensor_slices({"image": x[p::n], "label": y[p::n]})
-        return Split(name, train, ds, len(y[p::n]), image_size, mean, std)
+        ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
+        return Split(name, train, ds, len(y), image_size, mean, std, global_rows=True)
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     ds = _load_tfds(name, "train" if train else _EVAL_SPLIT[name], config.data_dir)
@@ -169,7 +199,20 @@ def _make_split(config: Any, train: bool) -> Split:
                                                                                CIFAR_STD)
     if name != "imagenet2012":
         ds = ds.cache()
-    return Split(name, train, ds, _count(ds), image_size, mean, std)
+    count = _count(ds)
+    low, high = _share_range(count)
+    return Split(name, train, ds, count, image_size, mean, std, global_rows=False,
+                 min_share=low, max_share=high)
+
+
+def _share_range(count: int) -> tuple[int, int]:
+    """(smallest, largest) per-process example count; a collective with several processes."""
+    if jax.process_count() == 1:
+        return count, count
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(count)))
+    return int(counts.min()), int(counts.max())
 
 
 def load_data(config: Any) -> Data:
@@ -237,16 +280,18 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def train_batches(data: Data, *, batch_size: int, seed: int, epoch: int,
                   start_batch: int = 0, shuffle_buffer: int = 16_384
                   ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields one epoch of augmented training batches (this process's share).
+    """Yields one epoch of augmented training batches (this process's rows of each).
 
     The order and the augmentation depend only on ``(seed, epoch)`` (and each example's
     position), so ``start_batch=k`` continues exactly where an interrupted epoch stopped.
-    CIFAR uses padding 4 = 32 // 8 (docs/applications.md); ImageNet skips the padding crop
-    (it random-crops after resizing instead).
+    For in-memory data the global batches do not depend on the process count (see the
+    module docstring). CIFAR uses padding 4 = 32 // 8 (docs/applications.md); ImageNet skips
+    the padding crop (it random-crops after resizing instead).
 
     Args:
         data: from :func:`load_data`.
-        batch_size: per-process batch size (drop_remainder).
+        batch_size: per-process batch size (drop_remainder); the global batch is
+            ``batch_size * jax.process_count()``.
         seed: config.seed.
         epoch: epoch index (0-based).
         start_batch: number of batches of this epoch to skip (resume).
@@ -254,25 +299,36 @@ def train_batches(data: Data, *, batch_size: int, seed: int, epoch: int,
             for CIFAR and digits, so the shuffle is uniform).
 
     Yields:
-        ``{"image": float32 (B, S, S, 3), "label": int32 (B,)}``.
+        ``{"image": float32 (B, S, S, 3), "label": int32 (B,)}``, ``Split.train_steps(B)``
+        of them (fewer after ``start_batch``).
     """
     split = data.train
     es = _epoch_seed(seed, epoch)
     ds = split.ds.shuffle(max(1, min(split.num_examples, shuffle_buffer)), seed=es,
-                          reshuffle_each_iteration=False)
-    ds = ds.enumerate().map(
+                          reshuffle_each_iteration=False).enumerate()
+    steps = split.train_steps(batch_size)
+    if split.global_rows and jax.process_count() > 1:
+        # Keep this process's rows of each full global batch; the index i (the seed of the
+        # augmentation) stays the global position, as in one process.
+        rows, p = batch_size * jax.process_count(), jax.process_index()
+        ds = ds.take(steps * rows).filter(
+            lambda i, ex: (i % rows) // batch_size == p)
+    ds = ds.map(
         lambda i, ex: _preprocess(ex, tf.stack([tf.constant(es, tf.int64), i]), split),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).skip(start_batch).prefetch(2)
+    ds = ds.batch(batch_size, drop_remainder=True).take(steps).skip(start_batch).prefetch(2)
     yield from tfds.as_numpy(ds)
 
 
 def eval_batches(data: Data, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Yields the whole eval split in padded batches with a 0/1 ``mask`` (this process).
 
+    Every process yields the same number of batches, ``Split.eval_batches(batch_size)``
+    (empty, all-mask-0 batches pad a smaller share); together they hold every example once.
+
     Args:
         data: from :func:`load_data`.
-        batch_size: per-process batch size; the last batch is zero-padded.
+        batch_size: per-process batch size; the last batches are zero-padded.
 
     Yields:
         ``{"image": (B, S, S, 3), "label": (B,), "mask": float32 (B,)}``.
@@ -281,8 +337,23 @@ def eval_batches(data: Data, *, batch_size: int) -> Iterator[dict[str, np.ndarra
     zero = tf.zeros((2,), tf.int64)
     ds = split.ds.map(lambda ex: _preprocess(ex, zero, split),
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for batch in tfds.as_numpy(ds.batch(batch_size).prefetch(2)):
-        yield pad_batch(batch, batch_size)
+    n, p = jax.process_count(), jax.process_index()
+    rows = batch_size * n if split.global_rows else batch_size
+    count = 0
+    for batch in tfds.as_numpy(ds.batch(rows).prefetch(2)):
+        batch = pad_batch(batch, rows)
+        if split.global_rows and n > 1:
+            batch = {k: v[p * batch_size:(p + 1) * batch_size] for k, v in batch.items()}
+        count += 1
+        yield batch
+    shape = ds.element_spec["image"].shape
+    shape = (tuple(shape) if shape.is_fully_defined()
+             else (split.image_size, split.image_size, 3))
+    empty = {"image": np.zeros((batch_size, *shape), np.float32),
+             "label": np.zeros((batch_size,), np.int32),
+             "mask": np.zeros((batch_size,), np.float32)}
+    for _ in range(count, split.eval_batches(batch_size)):
+        yield empty
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

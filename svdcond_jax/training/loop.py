@@ -26,12 +26,18 @@ records. Otherwise (the file was deleted or edited) ``complete`` is false,
 (``best_val_error``, ``median_kappa_eps``) are null, and a warning says the summary is not
 a result (experiments/tables.py leaves such runs out).
 
-Multi-host: call :func:`svdcond_jax.training.distributed.initialize` at the start of
-the program, before any other jax call; each process then reads its share of the
-data (``jax.process_index/process_count`` in the input pipeline) and the steps run over the
-global mesh. Only process 0 writes metrics, takes the workdir lock and writes checkpoint
-records; the conditioning monitor reads the features addressable by process 0; the returned
-summary is process 0's. This cannot be tested here beyond one process.
+Multi-process (docs/distributed.md): call
+:func:`svdcond_jax.training.distributed.initialize` at the start of the program, before any
+other jax call, then ``train_and_evaluate`` in every process with the same config and a
+shared ``workdir``. Each process feeds its rows of every global batch (for in-memory data
+the global batches equal one process's, so the parameters equal a one-process run's to
+round-off), the steps are jit-compiled over the mesh of every process's devices
+(``parallel="pmap"`` is refused), checkpoints are written jointly by orbax and restore in
+any process layout. Only process 0 takes the workdir lock and writes metrics (JSON lines,
+TensorBoard, summary) and integrity records; the conditioning monitor reads the replicated
+features of the whole global batch, so the records equal a one-process run's. Every process
+returns process 0's summary (broadcast). tests/test_distributed.py runs this
+with two local processes.
 
 Example:
     >>> import tempfile
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -154,9 +161,12 @@ def _olr_eta(opt_state: Any) -> float | None:
 
 
 def _addressable(x: jax.Array) -> np.ndarray:
-    """This process's part of a (possibly multi-host sharded) array, on the host."""
+    """This process's part of a (possibly multi-host sharded) array, on the host (the whole
+    array when it is replicated)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards if s.replica_id == 0])
 
@@ -207,7 +217,7 @@ def _summary(config: Any, workdir: str, step: int, failures: int, train_time: fl
 def _progress(config: Any, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=config.method, dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=f"{config.method}/seed{config.seed}", dynamic_ncols=True,
                 disable=not config.progress_bar or jax.process_index() > 0)
 
 
@@ -219,11 +229,11 @@ def _total_steps(config: Any, steps_per_epoch: int) -> int:
 
 def _steps_per_epoch(config: Any, data: input_pipeline.Data, local_batch: int) -> int:
     """Full batches per epoch; raises when the data cannot fill one (the loop would spin)."""
-    steps_per_epoch = data.train.num_examples // local_batch
+    steps_per_epoch = data.train.train_steps(local_batch)
     if steps_per_epoch < 1:
         raise ValueError(
             f"the training split of {config.dataset!r} holds {data.train.num_examples} "
-            f"examples (this process's share; config.max_train_examples="
+            f"examples ({jax.process_count()} process(es); config.max_train_examples="
             f"{config.max_train_examples}), fewer than one batch of {local_batch} (config."
             f"batch_size={config.batch_size}): an epoch would hold no batch")
     if data.eval.num_examples < 1:
@@ -256,6 +266,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         CheckpointMismatchError: ``workdir`` holds checkpoints of another config.
     """
     validate_config(config)
+    steps.check_mode(config.parallel)
     local = _local_batch_size(config.batch_size)
     _local_batch_size(config.eval_batch_size)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -426,12 +437,31 @@ def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
     bar.close()
     train_time = timer.train_time()
     failures = int(jax.device_get(par.host_state(state).svd_failures))
-    summary = _summary(config, workdir, total, failures, train_time,
-                       max(total - start - 1, 0), writer.count)
-    summary["compile_time_s"] = compile_time
-    if not summary["complete"]:
-        log.warning("%s: the run's history is incomplete (%s); its summary is not a result "
-                    "(complete: false). Delete the workdir and rerun to get one.", workdir,
-                    summary["history_problem"])
+    summary = None
+    if jax.process_index() == 0:  # the only process that wrote (and may read) the history
+        summary = _summary(config, workdir, total, failures, train_time,
+                           max(total - start - 1, 0), writer.count)
+        summary["compile_time_s"] = compile_time
+        if not summary["complete"]:
+            log.warning("%s: the run's history is incomplete (%s); its summary is not a "
+                        "result (complete: false). Delete the workdir and rerun to get one.",
+                        workdir, summary["history_problem"])
+    summary = _from_process_0(summary)
     writer.write(total, "summary", summary)
     return summary
+
+
+def _from_process_0(value: dict[str, Any] | None) -> dict[str, Any]:
+    """Process 0's JSON-ready ``value`` on every process (a broadcast; the value itself with
+    one process)."""
+    if jax.process_count() == 1:
+        assert value is not None
+        return value
+    from jax.experimental import multihost_utils
+
+    data = (np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0
+            else np.zeros(0, np.uint8))
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:data.size] = data
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))))

@@ -185,22 +185,50 @@ def create_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
 
 
+def check_mode(mode: str) -> None:
+    """Refuses an unknown parallel mode, and "pmap" when ``jax.process_count() > 1``.
+
+    pmap's arrays are host-local: its replicated state cannot be checkpointed by orbax
+    across processes, and its batch statistics would only average over one host's devices.
+
+    Args:
+        mode: ``config.parallel``.
+
+    Raises:
+        ValueError: naming ``config.parallel`` and the alternative.
+
+    Example:
+        >>> check_mode("jit")
+    """
+    if mode not in ("jit", "pmap"):
+        raise ValueError(f"config.parallel={mode!r}; valid: 'jit', 'pmap'")
+    if mode == "pmap" and jax.process_count() > 1:
+        raise ValueError(
+            f"config.parallel='pmap' cannot run on {jax.process_count()} processes (its "
+            "arrays are per-host: checkpoints and batch statistics would not span the "
+            "processes); use config.parallel='jit' (jit over a Mesh of every process's "
+            "devices), the multi-process path. See docs/distributed.md.")
+
+
 @functools.lru_cache(maxsize=16)
 def make_parallel(mode: str, *, learning_rate_fn: optax.Schedule | None = None,
                   ol_coeff: float, ol_pattern: str | None, capture_stem: bool) -> Parallel:
     """Compiles the steps for ``mode`` "jit" (Mesh + NamedSharding) or "pmap".
 
-    Multi-host: under "jit" each process passes its local batch share and
-    ``jax.make_array_from_process_local_data`` assembles the global array; under "pmap"
-    each process maps over its local devices. Both need ``jax.distributed.initialize()``
-    to be called first (see ``training.distributed.initialize``).
+    Multi-process (docs/distributed.md): "jit" is the path; each process passes its rows
+    of the global batch and ``jax.make_array_from_process_local_data`` assembles the global
+    array on the mesh over every process's devices (``jax.distributed.initialize()`` first,
+    see ``training.distributed.initialize``). "pmap" is refused there.
 
     Cached (the last 16 argument combinations): the same arguments return the same jitted
     functions, so runs that differ only in their seed (same ``state.create_setup`` object,
     hence the same train-state structure) compile each step once per process.
+
+    Raises:
+        ValueError: an unknown ``mode``, or "pmap" with several processes (see
+            :func:`check_mode`).
     """
-    if mode not in ("jit", "pmap"):
-        raise ValueError(f"parallel={mode!r}; valid: 'jit', 'pmap'")
+    check_mode(mode)
     kw = {"learning_rate_fn": learning_rate_fn, "ol_coeff": ol_coeff, "ol_pattern": ol_pattern}
     feats = functools.partial(features_step, capture_stem=capture_stem)
     if mode == "jit":
@@ -214,7 +242,9 @@ def _make_jit(kw: dict[str, Any], feats: Callable) -> Parallel:
     train = jax.jit(functools.partial(train_step, **kw), in_shardings=(repl, data),
                     out_shardings=(repl, repl), donate_argnums=0)
     ev = jax.jit(eval_step, in_shardings=(repl, data), out_shardings=repl)
-    fe = jax.jit(feats, in_shardings=(repl, data))
+    # Replicated output: every process holds the features of the whole global batch, so the
+    # conditioning monitor reads the same numbers as in one process.
+    fe = jax.jit(feats, in_shardings=(repl, data), out_shardings=repl)
 
     def place_batch(batch: Batch) -> Batch:
         return {k: jax.make_array_from_process_local_data(data, np.asarray(v))
