@@ -217,7 +217,8 @@ def _summary(config: Any, workdir: str, step: int, failures: int, train_time: fl
 def _progress(config: Any, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"{config.method}/seed{config.seed}", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=f"{config.method}/seed{config.seed}",
+                dynamic_ncols=True,
                 disable=not config.progress_bar or jax.process_index() > 0)
 
 
