@@ -16,9 +16,12 @@ development CPU; docs/performance.md):
   instead of compiling it again (the CIFAR ResNet-50 train step: ~25 s of XLA compile on
   2 cores). Default directory: ``$SVDCOND_JAX_CACHE_DIR``, else
   ``~/.cache/svdcond_jax/jax``; a cache directory already configured for jax (e.g. by
-  ``JAX_COMPILATION_CACHE_DIR``) is kept. Capped at 4 GiB (least recently used entries
-  evicted, with file locking) when the ``filelock`` package is installed. Entries are
-  compiled code that the process loads and runs: keep the directory private.
+  ``JAX_COMPILATION_CACHE_DIR``) is kept. Not capped: jax 0.10's size cap (least recently
+  used eviction) fails every later write ("Error writing persistent compilation cache
+  entry ... -atime") once the directory holds one entry written without the cap (by any
+  other jax process), so we leave jax's unbounded default; delete the directory to reclaim
+  the space, or set ``jax_compilation_cache_max_size`` in every process that shares it.
+  Entries are compiled code that the process loads and runs: keep the directory private.
 
 Example:
     >>> from svdcond_jax.training import runtime
@@ -36,7 +39,6 @@ from typing import Any
 import jax
 
 DEFAULT_CACHE_DIR = Path("~/.cache/svdcond_jax/jax")
-CACHE_MAX_BYTES = 4 * 2**30  # least recently used entries are evicted beyond this
 CACHE_ENV = "SVDCOND_JAX_CACHE_DIR"
 BLAS_ENV = "OPENBLAS_NUM_THREADS"
 _DEFAULT = object()
@@ -95,19 +97,8 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path
         path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         path.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(path))
-        if jax.config.jax_compilation_cache_max_size == -1 and _has_filelock():
-            # Bounded, and jax then locks the directory: safe for concurrent processes.
-            jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     jax.config.update("jax_enable_compilation_cache", True)
     return path
-
-
-def _has_filelock() -> bool:
-    try:
-        import filelock  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def configure(*, cache_dir: Any = _DEFAULT, blas_threads: int | None = 1) -> dict[str, Any]:
