@@ -358,198 +358,98 @@ def _build(name: str, num_classes: int, kwargs: dict[str, Any], **fixed: Any) ->
     return ResNet(num_classes=num_classes, **fixed, **kwargs)
 
 
-def ResNet18(num_classes: int, **kwargs: Any) -> ResNet:
-    """ResNet-18: basic blocks, stages (2, 2, 2, 2).
+_FACTORY_DOC = """{about}
 
-    With the defaults torchvision's ImageNet ResNet-18 (11,689,512 params at 1000
-    classes); ``head="gcp"`` is the GCP network of Table 5.
+Args:
+  num_classes: classifier outputs (>= 1).
+  **kwargs: any other ResNet attribute (see :class:`ResNet`): ``num_filters``,
+    ``stem`` ("imagenet" | "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" |
+    "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``,
+    ``dbn_eps``, ``dbn_groups``, ``gcp_dim``, ``input_channels``, ``axis_name``,
+    ``dtype``, ``act``.{defaults}
 
-    Args:
-      num_classes: classifier outputs (>= 1).
-      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
-        "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
-        ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``,
-        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+Returns:
+  ``ResNet(num_classes=num_classes, {fixed}, **kwargs)``.
+  Call it as ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
+  images.
 
-    Returns:
-      The ResNet ``ResNet(num_classes, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
-      **kwargs)``. Call it as
-      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
-      images.
+Raises:
+  TypeError: for a keyword that this factory fixes ({fixed_names}) or that ResNet
+    does not have.
+  ValueError: for a bad attribute value (see :class:`ResNet`).
 
-    Raises:
-      TypeError: for a keyword that this factory fixes or ResNet does not have.
-      ValueError: for a bad attribute value (see :class:`ResNet`).
+Example:
+  >>> model = {name}(num_classes=10)
+  >>> model.stage_sizes, model.block_cls.__name__, model.stem, model.num_filters
+  {example}
+"""
 
-    Example:
-      >>> model = ResNet18(num_classes=10)
-      >>> model.stage_sizes, model.block_cls.__name__
-      ((2, 2, 2, 2), 'ResNetBlock')
+
+def _spell(value: Any) -> str:
+    return value.__name__ if isinstance(value, type) else repr(value)
+
+
+def _factory(name: str, about: str, defaults: dict[str, Any] | None = None,
+             **fixed: Any) -> Callable[..., ResNet]:
+    """A documented network factory ``name(num_classes, **kwargs) -> ResNet``.
+
+    ``fixed`` attributes cannot be given (TypeError); ``defaults`` can be overridden.
     """
-    return _build("ResNet18", num_classes, kwargs, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
+    defaults = defaults or {}
+
+    def factory(num_classes: int, **kwargs: Any) -> ResNet:
+        return _build(name, num_classes, {**defaults, **kwargs}, **fixed)
+
+    model = ResNet(num_classes=10, **fixed, **defaults)
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = _FACTORY_DOC.format(
+        about=about, name=name,
+        defaults="\n    Defaults here: " + ", ".join(f"``{k}={v!r}``" for k, v in defaults.items())
+        + "." if defaults else "",
+        fixed=", ".join(f"{k}={_spell(v)}" for k, v in fixed.items()),
+        fixed_names=", ".join(fixed),
+        example=(model.stage_sizes, model.block_cls.__name__, model.stem, model.num_filters))
+    return factory
 
 
-def ResNet34(num_classes: int, **kwargs: Any) -> ResNet:
-    """ResNet-34: basic blocks, stages (3, 4, 6, 3).
+ResNet18 = _factory("ResNet18", """ResNet-18: basic blocks, stages (2, 2, 2, 2).
 
-    With the defaults torchvision's ImageNet ResNet-34 (21,797,672 params at 1000
-    classes).
+With the defaults torchvision's ImageNet ResNet-18 (11,689,512 params at 1000 classes);
+``head="gcp"`` is the GCP network of Table 5.""",
+                    stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
 
-    Args:
-      num_classes: classifier outputs (>= 1).
-      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
-        "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
-        ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``,
-        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+ResNet34 = _factory("ResNet34", """ResNet-34: basic blocks, stages (3, 4, 6, 3).
 
-    Returns:
-      The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock,
-      **kwargs)``. Call it as
-      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
-      images.
+With the defaults torchvision's ImageNet ResNet-34 (21,797,672 params at 1000 classes).""",
+                    stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock)
 
-    Raises:
-      TypeError: for a keyword that this factory fixes or ResNet does not have.
-      ValueError: for a bad attribute value (see :class:`ResNet`).
+ResNet50 = _factory("ResNet50", """ResNet-50: bottleneck blocks, stages (3, 4, 6, 3).
 
-    Example:
-      >>> model = ResNet34(num_classes=10)
-      >>> model.stage_sizes, model.block_cls.__name__
-      ((3, 4, 6, 3), 'ResNetBlock')
-    """
-    return _build("ResNet34", num_classes, kwargs, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock)
+With the defaults torchvision's ImageNet ResNet-50 v1.5 (25,557,032 params at 1000
+classes).""",
+                    stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
 
+CifarResNet18 = _factory("CifarResNet18", """ResNet-18 with the CIFAR stem (Fig. 6).
 
-def ResNet50(num_classes: int, **kwargs: Any) -> ResNet:
-    """ResNet-50: bottleneck blocks, stages (3, 4, 6, 3).
+A 3x3 stride-1 stem conv and no max pool.
 
-    With the defaults torchvision's ImageNet ResNet-50 v1.5 (25,557,032 params at 1000
-    classes).
+Basic blocks, stages (2, 2, 2, 2).""",
+                         stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock, stem="cifar")
 
-    Args:
-      num_classes: classifier outputs (>= 1).
-      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem`` ("imagenet" |
-        "cifar"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"), ``pre_svd``
-        ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``,
-        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
+CifarResNet50 = _factory("CifarResNet50", """ResNet-50 with the CIFAR stem (Fig. 6).
 
-    Returns:
-      The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
-      **kwargs)``. Call it as
-      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
-      images.
+A 3x3 stride-1 stem conv and no max pool.
+Bottleneck blocks, stages (3, 4, 6, 3); with ``stem_norm="dbn"`` the decorrelated-BN
+network of Tables 1-4 (Appendix B.1).""",
+                         stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
+                         stem="cifar")
 
-    Raises:
-      TypeError: for a keyword that this factory fixes or ResNet does not have.
-      ValueError: for a bad attribute value (see :class:`ResNet`).
+TinyResNet = _factory("TinyResNet", """A small two-stage ResNet for tests and demos.
 
-    Example:
-      >>> model = ResNet50(num_classes=10)
-      >>> model.stage_sizes, model.block_cls.__name__
-      ((3, 4, 6, 3), 'BottleneckResNetBlock')
-    """
-    return _build("ResNet50", num_classes, kwargs,
-                  stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
-
-
-def CifarResNet18(num_classes: int, **kwargs: Any) -> ResNet:
-    """ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max pool; Fig. 6).
-
-    Basic blocks, stages (2, 2, 2, 2).
-
-    Args:
-      num_classes: classifier outputs (>= 1).
-      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem_norm`` ("bn" | "dbn"),
-        ``head`` ("gap" | "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``,
-        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``,
-        ``input_channels``, ``axis_name``, ``dtype``,
-        ``act`` (see :class:`ResNet`).
-
-    Returns:
-      The ResNet ``ResNet(num_classes, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
-      stem="cifar", **kwargs)``. Call it as
-      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
-      images.
-
-    Raises:
-      TypeError: for a keyword that this factory fixes or ResNet does not have.
-      ValueError: for a bad attribute value (see :class:`ResNet`).
-
-    Example:
-      >>> model = CifarResNet18(num_classes=10)
-      >>> model.stem, model.stage_sizes
-      ('cifar', (2, 2, 2, 2))
-    """
-    return _build("CifarResNet18", num_classes, kwargs,
-                  stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock, stem="cifar")
-
-
-def CifarResNet50(num_classes: int, **kwargs: Any) -> ResNet:
-    """ResNet-50 with the CIFAR stem (3x3 stride-1 conv, no max pool; Fig. 6).
-
-    Bottleneck blocks, stages (3, 4, 6, 3); with ``stem_norm="dbn"`` the decorrelated-BN
-    network of Tables 1-4 (Appendix B.1).
-
-    Args:
-      num_classes: classifier outputs (>= 1).
-      **kwargs: any other ResNet attribute: ``num_filters`` (64), ``stem_norm`` ("bn" | "dbn"),
-        ``head`` ("gap" | "gcp"), ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``,
-        ``meta_kwargs``, ``dbn_eps``, ``dbn_groups``, ``gcp_dim``,
-        ``input_channels``, ``axis_name``, ``dtype``,
-        ``act`` (see :class:`ResNet`).
-
-    Returns:
-      The ResNet ``ResNet(num_classes, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
-      stem="cifar", **kwargs)``. Call it as
-      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC
-      images.
-
-    Raises:
-      TypeError: for a keyword that this factory fixes or ResNet does not have.
-      ValueError: for a bad attribute value (see :class:`ResNet`).
-
-    Example:
-      >>> model = CifarResNet50(num_classes=10)
-      >>> model.stem, model.block_cls.__name__
-      ('cifar', 'BottleneckResNetBlock')
-    """
-    return _build("CifarResNet50", num_classes, kwargs,
-                  stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock, stem="cifar")
-
-
-def TinyResNet(num_classes: int, **kwargs: Any) -> ResNet:
-    """A small two-stage ResNet for tests and demos (CIFAR stem, 8 filters by default).
-
-    Basic blocks, stages (1, 1); ``num_filters`` defaults to 8 and ``stem`` to "cifar"
-    (both may be given).
-
-    Args:
-      num_classes: classifier outputs (>= 1).
-      **kwargs: any other ResNet attribute: ``num_filters`` (8 here), ``stem`` ("cifar"
-        here, or "imagenet"), ``stem_norm`` ("bn" | "dbn"), ``head`` ("gap" | "gcp"),
-        ``pre_svd`` ("none" | "sn" | "ow"), ``meta_method``, ``meta_kwargs``, ``dbn_eps``,
-        ``dbn_groups``, ``gcp_dim``,
-        ``input_channels``, ``axis_name``, ``dtype``, ``act`` (see :class:`ResNet`).
-
-    Returns:
-      The ResNet ``ResNet(num_classes, stage_sizes=(1, 1), block_cls=ResNetBlock,
-      **{"num_filters": 8, "stem": "cifar", **kwargs})``. Call it as
-      ``model.apply(variables, x, train=..., mutable=["batch_stats"])`` on NHWC images.
-
-    Raises:
-      TypeError: for a keyword that this factory fixes or ResNet does not have.
-      ValueError: for a bad attribute value (see :class:`ResNet`).
-
-    Example:
-      >>> model = TinyResNet(num_classes=10)
-      >>> model.stage_sizes, model.num_filters, model.stem
-      ((1, 1), 8, 'cifar')
-    """
-    kwargs = {"num_filters": 8, "stem": "cifar", **kwargs}
-    return _build("TinyResNet", num_classes, kwargs, stage_sizes=(1, 1), block_cls=ResNetBlock)
+Basic blocks, stages (1, 1); ``num_filters`` defaults to 8 and ``stem`` to "cifar"
+(both may be given).""",
+                      defaults={"num_filters": 8, "stem": "cifar"},
+                      stage_sizes=(1, 1), block_cls=ResNetBlock)
 
 
 def pre_svd_pattern(model: ResNet) -> str:
