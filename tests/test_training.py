@@ -82,8 +82,8 @@ def test_setup_and_steps_are_shared_by_seeds_of_one_config():
     first = create_setup(config, num_classes=10, steps_per_epoch=4)
     config.seed = 7
     assert create_setup(config, num_classes=10, steps_per_epoch=4) is first
-    init = state_lib._init_fn(first.model, (8, 8, 3))
-    assert state_lib._init_fn(first.model, (8, 8, 3)) is init
+    init = first.init
+    assert create_setup(config, num_classes=10, steps_per_epoch=4).init is init
     config.learning_rate = 0.05  # another config: another setup
     assert create_setup(config, num_classes=10, steps_per_epoch=4) is not first
     kw = {"ol_coeff": 0.0, "ol_pattern": None, "capture_stem": False}

@@ -59,6 +59,9 @@ class Setup:
     pre_svd_pattern: str  # regex of the Pre-SVD kernel (bn: the stem conv, monitored only)
     monitor_eps: float  # eps*I of the monitored covariance
     ol_coeff: float  # 0 unless the method has "+ol"
+    # jax.jit(model.init) as (rng, images) -> variables: one per setup, so the seeds of a
+    # sweep (which share the setup) compile it once; it retraces per image shape itself.
+    init: Callable[[jax.Array, jax.Array], Any]
 
 
 def create_learning_rate_fn(config: Any, steps_per_epoch: int) -> optax.Schedule:
@@ -155,7 +158,8 @@ def _create_setup(config: Any, num_classes: int, steps_per_epoch: int,
         pattern, eps = STEM_PATTERN, float(config.dbn_eps)
     tx = create_optimizer(config, spec, lr_fn, pattern)
     ol_coeff = float(config.ol_coeff) if spec.ol else 0.0
-    return Setup(spec, task, model, lr_fn, tx, pattern, eps, ol_coeff)
+    init = jax.jit(lambda rng, images: model.init(rng, images, train=False))
+    return Setup(spec, task, model, lr_fn, tx, pattern, eps, ol_coeff, init)
 
 
 # Only the learning rate is injected; every other argument of pre_svd_sgd stays a Python
@@ -267,27 +271,9 @@ def create_train_state(rng: jax.Array, setup: Setup, image_shape: tuple[int, int
     Returns:
         A :class:`TrainState` at step 0.
     """
-    variables = _init_fn(setup.model, tuple(image_shape))(rng)
+    variables = setup.init(rng, jnp.zeros((2, *image_shape)))
     params = variables["params"]
     find_param(params, setup.pre_svd_pattern)  # fail loudly on a bad selection
     return TrainState.create(apply_fn=setup.model.apply, params=params, tx=setup.tx,
                              batch_stats=variables.get("batch_stats", {}),
                              svd_failures=jnp.zeros((), jnp.int32))
-
-
-_INIT_FNS: collections.OrderedDict[tuple[int, tuple[int, ...]], tuple[nn.Module, Callable]] = (
-    collections.OrderedDict())
-
-
-def _init_fn(model: nn.Module, image_shape: tuple[int, ...]) -> Callable[[jax.Array], Any]:
-    """The jitted ``model.init`` (one per model object: seeds of a sweep share the cached
-    setup's model, so they reuse it). Keyed by identity: a module with a dict attribute
-    (``meta_kwargs``) is not hashable."""
-    key = (id(model), image_shape)
-    entry = _INIT_FNS.get(key)
-    if entry is None or entry[0] is not model:
-        fn = jax.jit(lambda k: model.init(k, jnp.zeros((2, *image_shape)), train=False))
-        entry = _INIT_FNS[key] = (model, fn)
-        while len(_INIT_FNS) > _SETUP_CACHE_SIZE:
-            _INIT_FNS.popitem(last=False)
-    return entry[1]
