@@ -240,6 +240,10 @@ def pre_svd_labels(pre_svd: PreSvdSelection) -> Callable[[optax.Params], Any]:
     """``optax.partition`` labels: ``"pre_svd"`` for the selected parameter(s), else
     ``"other"``.
 
+    The ``"pre_svd"`` partition is the layer before the meta-layer, whose raw gradient NOG
+    replaces by its nearest orthogonal matrix (Eqs. 14-17) and whose step OLR scales by
+    eta* (Eqs. 18-21); docs/nog_olr.md spells the chain out.
+
     Args:
       pre_svd: Pre-SVD selection, see :func:`pre_svd_mask` (its form is checked now, the
         match when the labels are computed).
