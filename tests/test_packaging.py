@@ -42,3 +42,77 @@ def test_core_imports_and_steps_without_tensorflow() -> None:
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "EXTRA_LOADED []" in result.stdout, result.stdout
+
+
+def _blocked_program(blocked: tuple[str, ...], body: str) -> str:
+    """A program that runs ``body`` with the top-level modules ``blocked`` unimportable.
+
+    ``import`` of a blocked module raises ModuleNotFoundError; ``importlib.util.find_spec``
+    still answers (etils asks it whether TensorFlow is installed, and then imports it
+    only for cloud paths).
+    """
+    head = textwrap.dedent(
+        f"""
+        import importlib.abc, importlib.machinery, sys
+
+        class _Fail(importlib.abc.Loader):
+            def create_module(self, spec):
+                raise ModuleNotFoundError(f"{{spec.name}} is blocked by the test")
+
+            def exec_module(self, module):
+                pass
+
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    return importlib.machinery.ModuleSpec(name, _Fail())
+                return None
+
+        sys.meta_path.insert(0, _Block())
+        """)
+    return head + textwrap.dedent(body)
+
+
+def _run(program: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_training_on_digits_needs_no_tensorflow_tfds_or_clu(tmp_path) -> None:
+    """The `train` extra's promise: in-memory training with TensorFlow, TFDS and clu
+    unimportable; a TFDS dataset then fails naming the `tfds` extra."""
+    program = _blocked_program(("tensorflow", "tensorflow_datasets", "clu"), f"""
+        from svdcond_jax.training.config import get_config
+        from svdcond_jax.training.loop import train_and_evaluate
+
+        config = get_config()
+        config.update(num_train_steps=3, batch_size=16, eval_batch_size=64,
+                      max_train_examples=64, max_eval_examples=64, monitor_every_steps=2,
+                      log_every_steps=2, progress_bar=False, method="svd+nog+olr")
+        summary = train_and_evaluate(config, {str(tmp_path / "run")!r})
+        assert summary["steps"] == 3 and summary["complete"], summary
+        config.dataset = "cifar10"
+        try:
+            train_and_evaluate(config, {str(tmp_path / "cifar")!r})
+        except ImportError as err:
+            print("TFDS_ERROR", err)
+        print("LOADED", sorted(m for m in ("tensorflow", "tensorflow_datasets", "clu")
+                                if m in sys.modules))
+        """)
+    result = _run(program)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "LOADED []" in result.stdout, result.stdout
+    assert "pip install 'svdcond-jax[tfds]'" in result.stdout, result.stdout
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_training_without_the_train_extra_names_the_install_line() -> None:
+    program = _blocked_program(("ml_collections",), """
+        try:
+            import svdcond_jax.training
+        except ImportError as err:
+            print("ERROR", err)
+        """)
+    result = _run(program)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ml_collections" in result.stdout and "svdcond-jax[train]" in result.stdout

@@ -43,9 +43,18 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # --- data ---------------------------------------------------------------------------
     config.dataset = "digits"  # "digits" | "cifar10" | "cifar100" | "imagenet2012"
-    # tfds data_dir (ImageNet: manual_dir is <data_dir>/downloads/manual). A str placeholder
-    # (value None) so that `--config.data_dir=DIR` can set it (ml_collections config_flags).
+    # Where CIFAR comes from: "archive" (the original Python archive in data_dir, NumPy
+    # only), "tfds" (TFDS files, needs TensorFlow), "auto" (the archive if data_dir holds
+    # one, else TFDS). digits is embedded; ImageNet is TFDS only.
+    config.data_source = "auto"
+    # The CIFAR archive's or TFDS's data_dir (ImageNet: manual_dir is
+    # <data_dir>/downloads/manual). A str placeholder (value None) so that
+    # `--config.data_dir=DIR` can set it (ml_collections config_flags).
     config.data_dir = ml_collections.config_dict.placeholder(str)
+    # digits only: 0 = the fixed 1,497/300 hold-out; k >= 2 = k-fold cross-validation over
+    # all 1,797 images, fold cv_fold validating (input_pipeline.digits_arrays)
+    config.cv_folds = 0
+    config.cv_fold = 0
     config.image_size = -1  # -1: dataset default (digits 16, cifar 32, imagenet 224)
     config.max_train_examples = -1  # -1 = all; >0 takes the first N (demo / tests)
     config.max_eval_examples = -1
@@ -156,9 +165,15 @@ def _epochs(v: Any) -> str | None:
 
 
 def _datasets() -> Sequence[str]:
-    from svdcond_jax.training.input_pipeline import DATASETS  # tensorflow: imported lazily
+    from svdcond_jax.training.input_pipeline import DATASETS
 
     return DATASETS
+
+
+def _data_sources() -> Sequence[str]:
+    from svdcond_jax.training.input_pipeline import DATA_SOURCES
+
+    return DATA_SOURCES
 
 
 def _methods() -> Sequence[str]:
@@ -195,7 +210,10 @@ def _model(v: Any) -> str | None:
 
 RULES: dict[str, Rule] = {
     "dataset": _one_of(_datasets),
+    "data_source": _one_of(_data_sources),
     "data_dir": _optional_path,
+    "cv_folds": _int(0),
+    "cv_fold": _int(0),
     "image_size": _int(1, or_minus_one=True),
     "max_train_examples": _int(1, or_minus_one=True),
     "max_eval_examples": _int(1, or_minus_one=True),
@@ -241,10 +259,11 @@ def validate_config(config: Any) -> None:
     "default"/"all" where :func:`get_config` says so; ``prefetch`` may be 0); the learning
     rate and ``dbn_eps`` are finite and > 0; ``momentum`` is in [0, 1); ``lr_decay`` in
     (0, 1]; weight decay and ``ol_coeff`` are finite and >= 0; ``lr_boundaries_epochs`` are
-    increasing epochs >= 1; names (dataset, model, method, task, prng_impl, parallel) are
-    known; flags are bools; ``seed`` is in [0, 2**32 - 1]. Across fields:
+    increasing epochs >= 1; names (dataset, data_source, model, method, task, prng_impl,
+    parallel) are known; flags are bools; ``seed`` is in [0, 2**32 - 1]. Across fields:
     ``max_train_examples`` (when set) is at least ``batch_size`` (else an epoch has no
-    batch). Fields the defaults do not have are rejected (a typo would be ignored).
+    batch); ``cv_folds`` is 0 or >= 2, only for digits, and ``cv_fold < cv_folds``.
+    Fields the defaults do not have are rejected (a typo would be ignored).
 
     Args:
         config: a ConfigDict (or mapping) with the fields of :func:`get_config`.
@@ -259,6 +278,14 @@ def validate_config(config: Any) -> None:
     for key, rule in RULES.items():
         if key in keys and (need := rule(config[key])) is not None:
             errors.append(f"  config.{key}={config[key]!r}: must be {need}")
+    if not errors and config["cv_folds"] == 1:
+        errors.append("  config.cv_folds=1: must be 0 (fixed hold-out) or >= 2 folds")
+    if not errors and config["cv_folds"] and not config["cv_fold"] < config["cv_folds"]:
+        errors.append(f"  config.cv_fold={config['cv_fold']!r}: must be < config.cv_folds="
+                      f"{config['cv_folds']!r}")
+    if not errors and config["cv_folds"] and config["dataset"] != "digits":
+        errors.append(f"  config.cv_folds={config['cv_folds']!r}: cross-validation folds "
+                      f"are for dataset='digits' (got {config['dataset']!r})")
     if not errors and 0 < config["max_train_examples"] < config["batch_size"]:
         errors.append(f"  config.max_train_examples={config['max_train_examples']!r} is "
                       f"smaller than config.batch_size={config['batch_size']!r}: an epoch "
