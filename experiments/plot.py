@@ -40,8 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import flags as exp_flags  # noqa: E402
-from experiments import tables  # noqa: E402
+from . import flags as exp_flags  # noqa: E402
+from . import tables  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         flag_values=fv)
     flags.DEFINE_list("methods", None, "subset, in order", flag_values=fv)
     flags.DEFINE_string("title", None, "figure title", flag_values=fv)
-    exp_flags.parse(fv, argv)
+    exp_flags.parse(fv, argv, doc=__doc__)
     if not fv.workdir:
         raise SystemExit("error: --workdir is required")
     exp_flags.initialize_distributed(fv)
@@ -286,5 +286,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``svdcond-plot`` console script."""
     exp_flags.run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,9 +1,12 @@
 """Run a sweep (methods x seeds) of one experiment config, then write its table and plot.
 
 Usage (absl flags; ml_collections config_flags for the config and its fields):
-    python -m experiments.run --config=experiments/configs/cifar100_dbn.py \
-        --methods=svd,svd+nog+ow+olr --seeds=0,1,2 --workdir=runs/cifar100 \
-        [--config.num_epochs=10 --config.data_dir=/data/tfds] [--quick] [--overwrite]
+    svdcond-run --config=cifar100_dbn --methods=svd,svd+nog+ow+olr --seeds=0,1,2 \
+        --workdir=runs/cifar100 [--config.num_epochs=10 --config.data_dir=DIR] \
+        [--quick] [--overwrite]
+(from a checkout also `python -m experiments.run --config=experiments/configs/...`).
+`--config` takes a path or the name of a shipped config; `--help` lists the flags and the
+config's fields.
 
 `--config=path.py:arg` passes `arg` to `get_config`; `--quick` selects "runlocal" (a tiny
 local run) and writes to `<workdir>_quick`, so a quick sweep never mixes with a full one.
@@ -27,7 +30,6 @@ A config file defines `get_config(arg: str | None = None) -> ConfigDict` and may
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import sys
@@ -41,34 +43,13 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import flags as exp_flags
-from experiments import plot, tables
 from svdcond_jax.training import runtime
+from svdcond_jax.training.config import load_config_file
+
+from . import flags as exp_flags
+from . import plot, tables
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
-
-
-def load_config_module(path: str | Path) -> ModuleType:
-    """Imports a config file by path (as ml_collections' config_flags does).
-
-    Args:
-      path: a Python file defining `get_config`.
-
-    Returns:
-      The module.
-
-    Raises:
-      ValueError: if the file does not exist or defines no `get_config`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config={str(path)!r} is not a file")
-    spec = importlib.util.spec_from_file_location(f"_experiment_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise ValueError(f"config={str(path)!r} defines no get_config()")
-    return module
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -290,10 +271,12 @@ def define_flags(argv: Sequence[str], *, config_default: str | None = None
     fv = exp_flags.new_flag_values()
     try:  # config_flags reads --config.<field> names here: an unknown field raises now
         config_flags.DEFINE_config_file(
-            "config", config_default, "config file, optionally path.py:arg; override "
-            "fields with --config.<field>=value", flag_values=fv, sys_argv=list(argv))
+            "config", config_default, "config file (path.py, path.py:arg, or the name of a "
+            "shipped config such as digits_demo, digits_gcp, cifar100_dbn); override fields "
+            "with --config.<field>=value", flag_values=fv, sys_argv=list(argv))
     except (AttributeError, KeyError) as err:
-        raise SystemExit(f"error: the config has no field {err}") from None
+        raise SystemExit(exp_flags.unknown_field_message(
+            err, exp_flags.requested_config(argv[1:], config_default))) from None
     flags.DEFINE_list("methods", None, "methods (default: the config's METHODS)",
                       flag_values=fv)
     flags.DEFINE_list("seeds", None, "seeds (default: the config's SEEDS, else 0)",
@@ -306,6 +289,16 @@ def define_flags(argv: Sequence[str], *, config_default: str | None = None
                       "and plot", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "delete the requested runs in the workdir first",
                       flag_values=fv)
+    return fv
+
+
+def parse_flags(argv: Sequence[str], *, config_default: str | None = None,
+                doc: str | None = None) -> flags.FlagValues:
+    """:func:`define_flags` and :func:`exp_flags.parse` over ``argv`` (without the program
+    name), a shipped config's name resolved to its path; answers ``--help``."""
+    argv = exp_flags.resolve_config(argv)
+    fv = define_flags(["prog", *argv], config_default=config_default)
+    exp_flags.parse(fv, argv, doc=doc, config_default=config_default)
     return fv
 
 
@@ -334,7 +327,7 @@ def sweep_from_flags(fv: flags.FlagValues) -> Sweep:
         raise SystemExit("error: --config is required")
     spec = config_flags.get_config_filename(fv["config"])
     try:
-        module = load_config_module(spec.partition(":")[0])
+        module = load_config_file(spec.partition(":")[0])
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     config = fv.config
@@ -394,20 +387,26 @@ def execute(sweep: Sweep, *, log: Callable[[str], None] = print) -> str:
     return table
 
 
-def main(argv: Sequence[str] | None = None, *, config_default: str | None = None) -> str:
+def main(argv: Sequence[str] | None = None, *, config_default: str | None = None,
+         doc: str | None = None) -> str:
     """Parses flags, runs the sweep, writes and prints the table; returns it.
 
     Args:
       argv: the arguments without the program name (default: sys.argv[1:]).
       config_default: default of `--config` (the thin per-experiment entry points).
+      doc: what `--help` prints first (default: this module's docstring).
     """
     runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = define_flags(["prog", *argv], config_default=config_default)
-    exp_flags.parse(fv, argv)
+    fv = parse_flags(argv, config_default=config_default, doc=doc or __doc__)
     exp_flags.initialize_distributed(fv)  # before any jax computation
     return execute(sweep_from_flags(fv))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``svdcond-run`` console script."""
     exp_flags.run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

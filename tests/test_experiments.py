@@ -12,6 +12,7 @@ import pytest
 
 from experiments import flags as exp_flags
 from experiments import plot, run, tables
+from svdcond_jax.training.config import load_config_file
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -155,7 +156,7 @@ def test_plot_rejects_runs_without_conditioning(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_files_load_and_document_a_command(path: Path) -> None:
-    module = run.load_config_module(path)
+    module = load_config_file(path)
     doc = module.__doc__ or ""
     assert "python -m experiments." in doc and "xpected run time" in doc
     for arg in (None, "runlocal"):
@@ -197,6 +198,33 @@ def test_config_flags_override_fields_and_reject_bad_ones(tmp_path: Path) -> Non
             _sweep(argv, config_default=demo_config)
     with pytest.raises(SystemExit, match="--config is required"):
         _sweep(["--workdir=x"])
+
+
+def test_unknown_config_field_lists_the_valid_ones_and_shipped_names_resolve() -> None:
+    with pytest.raises(SystemExit) as info:
+        run.parse_flags(["--config=digits_gcp", "--config.batch_sise=3"])
+    text = str(info.value)
+    assert "no field 'batch_sise'" in text and "did you mean 'batch_size'" in text
+    assert "  gcp_dim=32" in text and "  batch_size=128" in text  # digits_gcp's own fields
+    fv = run.parse_flags(["--config=digits_gcp:runlocal", "--config.gcp_dim=8"])
+    assert fv.config.gcp_dim == 8 and fv.config.task == "gcp"
+
+
+@pytest.mark.parametrize("entry,argv", [
+    ("run", ["--config=digits_demo"]), ("run", []), ("demo", ["--quick"]),
+    ("decorrelated_bn", ["--dataset=cifar10"]), ("covariance_pooling", []), ("plot", [])])
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpshort", "--helpfull", "-?"])
+def test_help_flags_print_the_flags_and_the_config_fields(entry, argv, flag, capsys) -> None:
+    import importlib
+
+    module = importlib.import_module(f"experiments.{entry}")
+    with pytest.raises(SystemExit) as info:
+        module.main([*argv, flag])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__.strip()[:40]) and "--workdir" in out
+    if entry != "plot":
+        assert "Config fields" in out and "--config.seed=0" in out
 
 
 def _fake_train(calls: list) -> run.TrainFn:

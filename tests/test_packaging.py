@@ -1,8 +1,17 @@
 """The light core: `import svdcond_jax` and a jitted NOG step need no experiment extra."""
 
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 # Packages that only the `experiments` extra installs (besides TensorFlow itself).
 EXTRA_ONLY = ("tensorflow", "tensorflow_datasets", "sklearn", "matplotlib", "clu",
@@ -116,3 +125,74 @@ def test_training_without_the_train_extra_names_the_install_line() -> None:
     result = _run(program)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ml_collections" in result.stdout and "svdcond-jax[train]" in result.stdout
+
+
+# ----------------------------------------------------------------------------- packaging
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ("svdcond-demo", "svdcond-run", "svdcond-plot", "svdcond-dbn", "svdcond-gcp",
+           "svdcond-launch")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_subpackage_is_listed_and_experiments_install_under_svdcond_jax() -> None:
+    setuptools = _pyproject()["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "svdcond_jax").rglob("__init__.py")}
+    on_disk |= {"svdcond_jax." + ".".join(p.parent.relative_to(ROOT).parts)
+                for p in (ROOT / "experiments").rglob("__init__.py")}
+    assert listed == on_disk
+    assert setuptools["package-dir"] == {"svdcond_jax.experiments": "experiments"}
+    scripts = _pyproject()["project"]["scripts"]
+    assert set(scripts) == set(SCRIPTS)
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        source = ROOT / "experiments" / (module.rsplit(".", 1)[1] + ".py")
+        assert f"def {func}()" in source.read_text(), target
+
+
+def test_extras_split_training_from_tensorflow() -> None:
+    extras = _pyproject()["project"]["optional-dependencies"]
+    names = {k: " ".join(v).lower() for k, v in extras.items()}
+    assert "tensorflow" not in names["train"] and "clu" not in names["train"]
+    assert "ml_collections" in names["train"] and "tensorboard" in names["train"]
+    assert "tensorflow-datasets" in names["tfds"] and "svdcond-jax[train]" in names["tfds"]
+    assert names["experiments"] == "svdcond-jax[train,tfds]"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_console_scripts_answer_help_from_any_directory(tmp_path, script) -> None:
+    path = shutil.which(script, path=str(pathlib.Path(sys.executable).parent))
+    if path is None:
+        pytest.skip(f"{script} is not installed in this environment (pip install -e .)")
+    result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--" in result.stdout and "error" not in result.stdout.lower()[:200]
+    if script not in ("svdcond-plot", "svdcond-launch"):
+        assert "Config fields" in result.stdout and "--config.batch_size=" in result.stdout
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_experiments_and_their_configs_under_svdcond_jax(tmp_path) -> None:
+    """What `pip install svdcond-jax` would install: nothing named `experiments` at the top
+    level, the configs inside the package, the console scripts declared."""
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                             str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("svdcond_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "experiments" not in tops and "benchmarks" not in tops and "tests" not in tops
+    for config in (ROOT / "experiments" / "configs").glob("*.py"):
+        assert f"svdcond_jax/experiments/configs/{config.name}" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert all(f"{script} = svdcond_jax.experiments." in text for script in SCRIPTS)

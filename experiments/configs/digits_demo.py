@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import _common
+from svdcond_jax.training.config import config_with, runlocal
 
 TITLE = "Demo: decorrelated BN, TinyResNet, digits (1 grey channel, 8x8)"
 WORKDIR = "runs/demo"
@@ -55,7 +55,7 @@ DEMO_WALL_NOTE = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Digits demo; `arg="runlocal"` gives the reduced (test-suite) run."""
-    config = _common.base(
+    config = config_with(
         dataset="digits",
         image_size=8,
         input_channels=1,
@@ -79,6 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         progress_bar=True,
     )
     if arg == "runlocal":
-        _common.runlocal(config, num_train_steps=6, batch_size=32, max_train_examples=256,
+        runlocal(config, num_train_steps=6, batch_size=32, max_train_examples=256,
                          max_eval_examples=128, eval_batch_size=128, progress_bar=True)
     return config

@@ -20,9 +20,13 @@ Expected run time: see DEMO_WALL_NOTE (measured on the 2-core development machin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
-from experiments.configs import digits_demo
+from svdcond_jax.training.config import load_config_file
+
+digits_demo = load_config_file(Path(__file__).with_name("digits_demo.py"))
 
 TITLE = "Demo: covariance pooling (GCP), TinyResNet, digits (32-dim covariance, 16 positions)"
 WORKDIR = "runs/demo_gcp"

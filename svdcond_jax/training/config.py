@@ -23,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -98,6 +101,58 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallel = "jit"  # "jit" (Mesh + NamedSharding) | "pmap"
     config.prefetch = 2  # batches placed on the devices ahead of the step
     return config
+
+
+def config_with(**overrides: Any) -> ml_collections.ConfigDict:
+    """:func:`get_config` with ``overrides`` applied (the experiment configs' base).
+
+    Raises:
+        ValueError: for a field the default config does not have.
+    """
+    config = get_config()
+    for key, value in overrides.items():
+        if key not in config:
+            raise ValueError(f"the default config has no field {key!r}")
+        config[key] = value
+    return config
+
+
+def runlocal(config: ml_collections.ConfigDict, **overrides: Any
+             ) -> ml_collections.ConfigDict:
+    """Shrinks ``config`` in place to a tiny local run (a few steps on a small subset),
+    then applies ``overrides``; returns it."""
+    config.update(dict(num_train_steps=4, batch_size=8, eval_batch_size=16,
+                       max_train_examples=64, max_eval_examples=32, monitor_every_steps=2,
+                       log_every_steps=2, progress_bar=False))
+    config.update(overrides)
+    return config
+
+
+def load_config_file(path: str | Path) -> ModuleType:
+    """Imports an experiment config file by path, as ml_collections' ``config_flags`` does.
+
+    Config files load each other through it (``load_config_file(Path(__file__).with_name(
+    "digits_demo.py"))``), so they work from a checkout and from the installed package
+    alike.
+
+    Args:
+        path: a Python file defining ``get_config``.
+
+    Returns:
+        The module.
+
+    Raises:
+        ValueError: if the file does not exist or defines no ``get_config``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r} is not a file")
+    spec = importlib.util.spec_from_file_location(f"_experiment_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config={str(path)!r} defines no get_config()")
+    return module
 
 
 Rule = Callable[[Any], str | None]  # value -> what it must be, or None when it is valid
