@@ -47,7 +47,7 @@ from svdcond_jax.training import runtime
 from svdcond_jax.training.config import load_config_file
 
 from . import flags as exp_flags
-from . import plot, tables
+from . import plot, provenance, tables
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
 
@@ -79,17 +79,15 @@ def validate_sweep(config: ml_collections.ConfigDict, methods: Sequence[str],
 
     if not methods or not seeds:
         raise ValueError(f"nothing to run: methods={list(methods)}, seeds={list(seeds)}")
-    for method in methods:
-        for seed in seeds:
-            cfg = ml_collections.ConfigDict(config.to_dict())
-            cfg.method, cfg.seed = method, seed
-            try:
-                validate_config(cfg)
-            except ValueError as err:
-                raise ValueError(f"run {method}/seed{seed}: {err}") from None
+    for run in plan(config, ".", methods, seeds):
+        try:
+            validate_config(run.config)
+        except ValueError as err:
+            raise ValueError(f"run {run.name}: {err}") from None
 
 
 CONFIG_FILE = "config.json"  # a run's config, written before it trains
+PROVENANCE_FILE = tables.PROVENANCE_FILE  # where and with what it trained
 
 
 def _finished(run_dir: Path) -> bool:
@@ -119,11 +117,44 @@ def stored_config_difference(run_dir: Path, config: ml_collections.ConfigDict
         f"{k} (stored {stored.get(k)!r}, requested {wanted.get(k)!r})" for k in diff)
 
 
-def _run_config(config: ml_collections.ConfigDict, method: str, seed: int
-                ) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.method, cfg.seed = method, int(seed)
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its config, directory and name."""
+
+    method: str
+    seed: int
+    fold: int | None  # the validation fold with config.cv_folds >= 2, else None
+    config: ml_collections.ConfigDict
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/seed{self.seed}" + (
+            "" if self.fold is None else f"/fold{self.fold}")
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str | Path, methods: Sequence[str],
+         seeds: Sequence[int]) -> list[PlannedRun]:
+    """Every run of a sweep, in training order (method, then seed, then fold).
+
+    A run is ``<workdir>/<method>/seed<k>/`` with ``method`` and ``seed`` set on a copy of
+    ``config``; with ``config.cv_folds = K >= 2`` a seed is K runs
+    ``<workdir>/<method>/seed<k>/fold<f>/`` (``cv_fold = f``), so that every validation
+    image is validated once per seed.
+    """
+    folds = int(config.get("cv_folds", 0) or 0)
+    runs = []
+    for method in methods:
+        for seed in seeds:
+            for fold in (range(folds) if folds >= 2 else [None]):
+                cfg = ml_collections.ConfigDict(config.to_dict())
+                cfg.method, cfg.seed = method, int(seed)
+                run_dir = Path(workdir) / method / f"seed{seed}"
+                if fold is not None:
+                    cfg.cv_fold = fold
+                    run_dir = run_dir / f"fold{fold}"
+                runs.append(PlannedRun(method, int(seed), fold, cfg, run_dir))
+    return runs
 
 
 def check_reuse(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -133,16 +164,20 @@ def check_reuse(config: ml_collections.ConfigDict, workdir: str | Path,
     Raises:
       ValueError: naming the run and the differing fields.
     """
-    for method in methods:
-        for seed in seeds:
-            run_dir = Path(workdir) / method / f"seed{seed}"
-            if not run_dir.is_dir() or not any(run_dir.iterdir()):
-                continue
-            why = stored_config_difference(run_dir, _run_config(config, method, seed))
-            if why:
-                raise ValueError(
-                    f"run {method}/seed{seed} in {workdir} is not a run of the requested "
-                    f"config: {why}. Use another --workdir, or --overwrite to retrain it.")
+    for run in plan(config, workdir, methods, seeds):
+        seed_dir = run.dir if run.fold is None else run.dir.parent
+        if any(seed_dir.glob("fold*")) if run.fold is None else (
+                seed_dir / CONFIG_FILE).is_file():
+            raise ValueError(
+                f"{seed_dir} holds runs of another cross-validation layout (config.cv_folds "
+                f"differs). Use another --workdir, or --overwrite to retrain it.")
+        if not run.dir.is_dir() or not any(run.dir.iterdir()):
+            continue
+        why = stored_config_difference(run.dir, run.config)
+        if why:
+            raise ValueError(
+                f"run {run.name} in {workdir} is not a run of the requested "
+                f"config: {why}. Use another --workdir, or --overwrite to retrain it.")
 
 
 def _default_train_fn() -> TrainFn:
@@ -171,36 +206,35 @@ def run_sweep(
       log: where progress lines go.
 
     Returns:
-      Wall time in seconds per run directory name `<method>/seed<k>` (compilation
-      included; 0.0 for a run skipped because it had already finished).
+      Wall time in seconds per run name `<method>/seed<k>` (`<method>/seed<k>/fold<f>`
+      with folds; compilation included; 0.0 for a run skipped because it had already
+      finished).
     """
     train_fn = train_fn or _default_train_fn()
     check_reuse(config, workdir, methods, seeds)
     walls: dict[str, float] = {}
-    total, index = len(methods) * len(seeds), 0
-    for method in methods:
-        for seed in seeds:
-            index += 1
-            name = f"{method}/seed{seed}"
-            run_dir = Path(workdir) / method / f"seed{seed}"
-            cfg = _run_config(config, method, seed)
-            if _finished(run_dir):
-                log(f"[{name}] ({index}/{total}) already finished with this config, reused")
-                walls[name] = 0.0
-                continue
-            if _is_process_0():
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / CONFIG_FILE).write_text(
-                    json.dumps(_config_json(cfg), indent=1, sort_keys=True) + "\n")
-            log(f"[{name}] ({index}/{total}) training")
-            start = time.perf_counter()
-            summary = train_fn(cfg, str(run_dir))
-            walls[name] = time.perf_counter() - start
-            if summary.get("complete") is False:
-                log(f"[{name}] INCOMPLETE, not a result: {summary.get('history_problem')}; "
-                    f"delete {run_dir} and rerun it")
-                continue
-            log(_finished_line(name, summary, walls[name]))
+    runs = plan(config, workdir, methods, seeds)
+    for index, run in enumerate(runs, 1):
+        name = run.name
+        if _finished(run.dir):
+            log(f"[{name}] ({index}/{len(runs)}) already finished with this config, reused")
+            walls[name] = 0.0
+            continue
+        if _is_process_0():
+            run.dir.mkdir(parents=True, exist_ok=True)
+            (run.dir / CONFIG_FILE).write_text(
+                json.dumps(_config_json(run.config), indent=1, sort_keys=True) + "\n")
+            (run.dir / PROVENANCE_FILE).write_text(
+                json.dumps(provenance.collect(), indent=1) + "\n")
+        log(f"[{name}] ({index}/{len(runs)}) training")
+        start = time.perf_counter()
+        summary = train_fn(run.config, str(run.dir))
+        walls[name] = time.perf_counter() - start
+        if summary.get("complete") is False:
+            log(f"[{name}] INCOMPLETE, not a result: {summary.get('history_problem')}; "
+                f"delete {run.dir} and rerun it")
+            continue
+        log(_finished_line(name, summary, walls[name]))
     return walls
 
 
@@ -251,12 +285,14 @@ def report(
         for row in rows:
             own = [v for k, v in wall_s.items() if k.rsplit("/seed", 1)[0] == row["method"]]
             row["wall_s"] = sum(own)
-    tables.write_tables(rows, workdir, title=title, paper=paper)
+    facts = tables.provenance_summary(runs)
+    tables.write_tables(rows, workdir, title=title, paper=paper, provenance_facts=facts)
     try:
         plot.plot_conditioning(runs, Path(workdir) / "conditioning.png", title=title)
     except ValueError as err:  # no conditioning records (e.g. only `bn` runs)
         print(f"no plot: {err}", file=sys.stderr)
-    return tables.markdown_table(rows, title=title, paper=paper)
+    notes = [tables.provenance_line(facts)] if facts else []
+    return tables.markdown_table(rows, title=title, paper=paper, notes=notes)
 
 
 def define_flags(argv: Sequence[str], *, config_default: str | None = None
@@ -362,7 +398,7 @@ def execute(sweep: Sweep, *, log: Callable[[str], None] = print) -> str:
             raise SystemExit(f"error: {err}") from None
         if sweep.overwrite and _is_process_0():
             for method in sweep.methods:
-                for seed in sweep.seeds:
+                for seed in sweep.seeds:  # the seed's folds too
                     shutil.rmtree(sweep.workdir / method / f"seed{seed}", ignore_errors=True)
         try:
             wall = run_sweep(sweep.config, sweep.workdir, sweep.methods, sweep.seeds, log=log)

@@ -91,26 +91,60 @@ def test_markdown_and_json_tables(sweep: Path) -> None:
     assert "| svd | 21.17 ± 1.26 | 20.00 | 3 | 3 (2/3 runs) |" in text
     # singular: the rank instead of kappa(P); kappa on the non-zero spectrum instead
     assert "| singular (rank 5/8) | 2.0e+06 |" in text and "| 19.99 |" in text
-    assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2/3 |" in text
-    # [18, 19] vs [20, 22.5]: the difference is larger than the seeds' spread
-    assert "| -2.67 (yes) |" in text
+    assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2 (2/3 runs) |" in text
+    # paired over seeds 0 and 1: d = [19 - 20, 18 - 21]; 2 seeds give no 95% interval
+    assert "| -2.00 (no interval: 2 seeds) |" in text
+    assert "over 2 / 3 seeds per method" in text
     loaded = json.loads(js.read_text())
-    assert [r["method"] for r in loaded] == ["svd", "svd+nog"]
-    assert loaded[0]["val_error_min"] == 20.0
-    assert loaded[0]["final_kappa_raw"] is None and loaded[0]["rank"] == 5  # never 1e16
+    assert loaded["title"] == "t" and "seeds per method" in loaded["design"]
+    rows = loaded["rows"]
+    assert [r["method"] for r in rows] == ["svd", "svd+nog"]
+    assert rows[0]["val_error_min"] == 20.0
+    assert rows[0]["final_kappa_raw"] is None and rows[0]["rank"] == 5  # never 1e16
     assert "e+16" not in js.read_text() and "e+15" not in js.read_text()
-    assert loaded[1]["vs_svd_beyond_spread"] is True
-    np.testing.assert_allclose(loaded[1]["vs_svd_diff"], 18.5 - np.mean([20.0, 21.0, 22.5]))
+    assert rows[1]["vs_svd_separable"] is None and rows[1]["vs_svd_pairs"] == 2
+    np.testing.assert_allclose(rows[1]["vs_svd_diff"], -2.0)
 
 
-def test_versus_svd_needs_two_seeds_and_reports_overlap() -> None:
-    ref = {"val_error_mean": 2.0, "val_error_min": 1.0, "val_error_max": 3.0,
-           "num_finished": 3}
-    close = {**ref, "val_error_mean": 2.5, "val_error_min": 2.0, "val_error_max": 3.5}
-    assert tables.versus(close, ref) == {"diff": 0.5, "beyond_spread": False}
-    lone = {**close, "num_finished": 1}
-    assert tables.versus(lone, ref)["beyond_spread"] is None
-    assert tables.versus(ref, ref) == {"diff": None, "beyond_spread": None}
+def test_versus_svd_is_the_paired_difference_with_its_sign_flip_interval() -> None:
+    ref = {"seed_errors": {str(s): 2.0 + 0.3 * s for s in range(8)}}
+    better = {"seed_errors": {str(s): 1.5 + 0.3 * s + 0.05 * (-1) ** s for s in range(8)}}
+    v = tables.versus(better, ref)
+    assert v["pairs"] == 8 and v["separable"] is True  # every seed better by ~0.5
+    np.testing.assert_allclose(v["diff"], -0.5)
+    assert v["interval"][0] < -0.5 < v["interval"][1] < 0
+    noisy = {"seed_errors": {str(s): 2.0 + 0.3 * s + (-1) ** s for s in range(8)}}
+    assert tables.versus(noisy, ref)["separable"] is False  # +1, -1, +1, ...: not separable
+    few = {"seed_errors": {str(s): 1.0 for s in range(5)}}
+    assert tables.versus(few, ref)["interval"] is None  # 5 pairs: 2/32 > 0.05
+    assert tables.versus(ref, ref)["diff"] is None
+    assert tables.versus({"seed_errors": {"9": 1.0}}, ref)["pairs"] == 0
+
+
+def test_folds_pool_into_one_error_per_seed(tmp_path: Path) -> None:
+    """k-fold layout: a seed's error is wrong / validated images over its folds."""
+    for method, fold_errors in {"svd": [(10.0, 3.0), (20.0, 1.0)],
+                                "bn": [(12.0, 3.0), (20.0, None)]}.items():
+        for seed, errs in enumerate(fold_errors):
+            for fold, err in enumerate(errs):
+                path = tmp_path / method / f"seed{seed}" / f"fold{fold}" / "metrics.jsonl"
+                _write_run(path, method=method, seed=seed, val_error=err)
+                if err is not None:  # fold sizes 300 and 100
+                    records = [json.loads(x) for x in path.read_text().splitlines()[:-1]]
+                    records[-1].update(cv_folds=2, cv_fold=fold,
+                                       val_examples=300 if fold == 0 else 100)
+                    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = tables.collect_runs(tmp_path, ["svd", "bn"])
+    assert [(r.method, r.seed, r.fold) for r in runs][:4] == [
+        ("svd", 0, 0), ("svd", 0, 1), ("svd", 1, 0), ("svd", 1, 1)]
+    rows = {r["method"]: r for r in tables.aggregate(runs)}
+    np.testing.assert_allclose(rows["svd"]["seed_errors"]["0"], (300 * 10 + 100 * 3) / 400)
+    np.testing.assert_allclose(rows["svd"]["seed_errors"]["1"], (300 * 20 + 100 * 1) / 400)
+    assert rows["svd"]["val_images"] == 400 and rows["svd"]["num_seeds"] == 2
+    assert list(rows["bn"]["seed_errors"]) == ["0"]  # seed 1 lacks a fold's result
+    assert rows["bn"]["vs_svd_pairs"] == 1
+    text = tables.markdown_table(list(rows.values()))
+    assert "validates 400 images (2-fold: every image once per seed)" in text
 
 
 def test_single_run_shows_plain_error(tmp_path: Path) -> None:
@@ -272,13 +306,34 @@ def test_run_sweep_calls_train_fn_per_method_and_seed(tmp_path: Path) -> None:
     assert "| svd | 10.00 |" in run.report(tmp_path, ["svd"], seeds=[0])  # only the sweep's
 
 
+def test_k_fold_sweeps_run_every_fold_of_every_seed_and_refuse_mixed_layouts(
+        tmp_path: Path) -> None:
+    config = ml_collections.ConfigDict({"method": "svd", "seed": 0, "cv_folds": 3,
+                                        "cv_fold": 0})
+    planned = run.plan(config, tmp_path, ["svd"], [4, 5])
+    assert [(p.seed, p.fold, p.config.cv_fold) for p in planned] == [
+        (4, 0, 0), (4, 1, 1), (4, 2, 2), (5, 0, 0), (5, 1, 1), (5, 2, 2)]
+    assert planned[1].dir == tmp_path / "svd" / "seed4" / "fold1"
+    assert planned[1].name == "svd/seed4/fold1"
+    calls: list = []
+    run.run_sweep(config, tmp_path, ["svd"], [4], train_fn=_fake_train(calls),
+                  log=lambda _: None)
+    assert [c[2] for c in calls] == [str(tmp_path / "svd" / "seed4" / f"fold{f}")
+                                     for f in range(3)]
+    assert (tmp_path / "svd" / "seed4" / "fold0" / "provenance.json").is_file()
+    flat = ml_collections.ConfigDict({"method": "svd", "seed": 0, "cv_folds": 0,
+                                      "cv_fold": 0})
+    with pytest.raises(ValueError, match="another cross-validation layout"):
+        run.run_sweep(flat, tmp_path, ["svd"], [4], train_fn=_fake_train(calls))
+
+
 def test_demo_reduced_mode_end_to_end(tmp_path: Path, capsys) -> None:
     from experiments import demo
 
     workdir = tmp_path / "demo"
     table = demo.main(["--quick", "--seeds=0", f"--workdir={workdir}"])  # QUICK_METHODS
     quick = Path(f"{workdir}_quick")
-    rows = {r["method"]: r for r in json.loads((quick / "table.json").read_text())}
+    rows = {r["method"]: r for r in json.loads((quick / "table.json").read_text())["rows"]}
     assert set(rows) == {"bn", "svd+nog+olr"} and not workdir.exists()
     for row in rows.values():
         assert row["num_finished"] == 1 and row["failures_total"] == 0

@@ -439,3 +439,28 @@ def test_features_step_captures_stem_output():
     assert feats.shape == (8, 6, 6, 6)
     rec = monitor.conditioning_stats(feats, eps=1e-2)
     assert rec["dim"] == 6 and rec["rank"] == 6  # 2 channels x 3x3 = 18 >= 6
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def test_methods_of_one_seed_start_from_the_same_parameters_where_the_trees_coincide():
+    """The paired design of the sweeps: for a seed, every method's initial parameters
+    equal on every path they share (only the method's own layers differ)."""
+    from flax.traverse_util import flatten_dict
+
+    config = get_config()
+    config.update(dict(image_size=8, input_channels=1, num_filters=8))
+    inits = {}
+    for method in ("bn", "svd", "svd+nog+olr", "svd+ow", "newton_schulz"):
+        config.method = method
+        setup = create_setup(config, num_classes=10, steps_per_epoch=4)
+        state = state_lib.create_train_state(
+            jax.random.key(config.seed, impl=config.prng_impl), setup, (8, 8, 3))
+        inits[method] = flatten_dict(jax.device_get(state.params), sep="/")
+    ref = inits["svd"]
+    for method, params in inits.items():
+        shared = {p for p in set(params) & set(ref) if params[p].shape == ref[p].shape}
+        assert len(shared) >= len(ref) - 3, (method, set(ref) - shared)  # SOC's own kernel
+        for path in shared:
+            np.testing.assert_array_equal(params[path], ref[path], err_msg=f"{method} {path}")

@@ -14,12 +14,13 @@ from svdcond_jax.training.loop import train_and_evaluate
 
 pytestmark = pytest.mark.slow
 
-SUMMARY_KEYS = {"method", "dataset", "model", "seed", "steps", "val_error", "best_val_error",
+SUMMARY_KEYS = {"method", "dataset", "model", "seed", "steps", "val_error", "val_examples",
+                "cv_folds", "cv_fold", "best_val_error",
                 "final_kappa_eps", "median_kappa_eps", "final_kappa_raw", "svd_failures",
                 "train_time_s", "steps_per_s", "complete", "history_problem"}
 FIELDS = {
     "train": {"loss", "accuracy", "learning_rate", "olr_eta", "svd_failures", "epoch", "seq"},
-    "eval": {"loss", "accuracy", "error", "epoch", "seq"},
+    "eval": {"loss", "accuracy", "error", "examples", "epoch", "seq"},
     "conditioning": {"kappa_raw", "kappa_eps", "lambda_max", "lambda_min", "rank", "dim",
                      "singular", "weight_norm", "olr_eta", "finite", "seq"},
     "summary": SUMMARY_KEYS | {"seq"},

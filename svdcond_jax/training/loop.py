@@ -121,7 +121,8 @@ def _eval_sums(sums: dict[str, Any]) -> np.ndarray:
 
 def evaluate(config: Any, data: input_pipeline.Data, par: steps.Parallel,
              state: TrainState) -> dict[str, float]:
-    """Loss, accuracy and error (%) over the whole eval split (real examples only)."""
+    """Loss, accuracy, error (%) and the number of examples over the whole eval split
+    (real examples only)."""
     local = _local_batch_size(config.eval_batch_size)
     totals = np.zeros(3, np.float64)
     for batch in input_pipeline.eval_batches(data, batch_size=local):
@@ -131,7 +132,7 @@ def evaluate(config: Any, data: input_pipeline.Data, par: steps.Parallel,
         raise ValueError("the eval split holds no example")
     accuracy = float(correct / count)
     return {"loss": float(loss_sum / count), "accuracy": accuracy,
-            "error": 100.0 * (1.0 - accuracy)}
+            "error": 100.0 * (1.0 - accuracy), "examples": int(round(count))}
 
 
 def _scalar(x: Any) -> float:
@@ -188,6 +189,8 @@ def _summary(config: Any, workdir: str, step: int, failures: int, train_time: fl
         "method": config.method, "dataset": config.dataset, "model": config.model,
         "seed": int(config.seed), "steps": int(step),
         "val_error": last_eval["error"] if last_eval else None,
+        "val_examples": last_eval.get("examples") if last_eval else None,
+        "cv_folds": int(config.get("cv_folds", 0)), "cv_fold": int(config.get("cv_fold", 0)),
         "best_val_error": min(r["error"] for r in evals) if evals and whole else None,
         "final_kappa_eps": last_cond["kappa_eps"] if last_cond else None,
         "median_kappa_eps": float(np.median(kappa)) if kappa and whole else None,
@@ -240,7 +243,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     Returns:
         The summary dict (also the last line of metrics.jsonl): method, dataset, model, seed,
-        steps, val_error, best_val_error, final_kappa_eps, median_kappa_eps, final_kappa_raw,
+        steps, val_error, val_examples (the eval split's size), cv_folds, cv_fold,
+        best_val_error, final_kappa_eps, median_kappa_eps, final_kappa_raw,
         svd_failures, train_time_s, steps_per_s, complete, history_problem (+
         final_singular, final_rank, dim, compile_time_s). Timing excludes the first step
         (compilation), evaluation, monitoring and checkpointing. ``complete`` is False when
