@@ -208,15 +208,17 @@ def _error_panel(ax: Any, runs: Sequence[tables.Run], order: Sequence[str],
 CAPTION = (
     "P: covariance of the Pre-SVD layer's output (float64). Left, top: κ(P + εI), the "
     "matrix the meta-layer decomposes; the paper's Figs. 1-4 plot 'the covariance "
-    "conditioning' (Eq. 1) without saying whether ε is included; its values (1e12 for SVD "
-    "with ε = 1e-2) would need λmax ≈ 1e10 to be κ(P + εI) ≤ 1 + λmax/ε, so they are most "
-    "likely κ of the raw, singular P read in finite precision. Left, middle: κ on the non-zero spectrum "
-    "(λmax over the smallest eigenvalue above the rank threshold), which does not change "
-    "with the scale of the weights. The two can rank methods in opposite orders: for a "
-    "singular P, κ(P + εI) ≈ λmax/ε grows with the Pre-SVD weight norm (NOG's fixed-size "
-    "steps grow it), while the non-zero spectrum can get flatter at the same time "
-    "(docs/conditioning.md). Curves: median over seeds. Right: Δ = mean per-seed paired "
-    "difference to svd (points) [exact sign-flip 95% interval], * = interval excludes 0.")
+    "conditioning' (Eq. 1) without saying whether ε is included; its values (1e12 for SVD"
+    " with ε = 1e-2) would need λmax ≈ 1e10 to be κ(P + εI) ≤ 1 + λmax/ε, so they are "
+    "most likely κ of the raw, singular P read in finite precision. Left, middle: κ on "
+    "the non-zero spectrum (λmax over the smallest eigenvalue above the rank threshold), "
+    "which does not change with the scale of the weights. The two can rank methods in "
+    "opposite orders: for a singular P, κ(P + εI) ≈ λmax/ε grows with the Pre-SVD weight "
+    "norm (NOG's fixed-size steps grow it), while the non-zero spectrum can get flatter "
+    "at the same time (docs/conditioning.md). Curves: median over seeds. Right: Δ = mean "
+    "per-seed paired difference to svd (points) [exact sign-flip 95% interval], * = "
+    "interval excludes 0."
+)
 
 
 def plot_conditioning(
