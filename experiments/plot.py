@@ -193,7 +193,7 @@ def _error_panel(ax: Any, runs: Sequence[tables.Run], order: Sequence[str],
             text = (f"{diff:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
                     + (" *" if row.get("vs_svd_separable") else ""))
         elif diff is not None:
-            text = f"{diff:+.2f} ({row.get('vs_svd_pairs')} seeds)"
+            text = f"{diff:+.2f} ({row.get('vs_svd_pairs')} pairs)"
         else:
             text = "reference" if method == "svd" else ""
         ax.annotate(text, (1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
@@ -216,7 +216,7 @@ CAPTION = (
     "opposite orders: for a singular P, κ(P + εI) ≈ λmax/ε grows with the Pre-SVD weight "
     "norm (NOG's fixed-size steps grow it), while the non-zero spectrum can get flatter "
     "at the same time (docs/conditioning.md). Curves: median over seeds. Right: Δ = mean "
-    "per-seed paired difference to svd (points) [exact sign-flip 95% interval], * = "
+    "paired difference to svd (points) [exact sign-flip 95% interval], * = "
     "interval excludes 0."
 )
 

@@ -246,6 +246,19 @@ def seed_errors(runs: Sequence[Run]) -> dict[int, tuple[float, int | None]]:
     return out
 
 
+def run_errors(runs: Sequence[Run]) -> dict[str, float]:
+    """Validation error (%) per run with a result, keyed "<seed>" or "<seed>/<fold>": the
+    pairing units of :func:`versus` (a run of one method pairs with the run of the same
+    seed and fold of another: same initial parameters, same training images and batches,
+    same validation images)."""
+    out = {}
+    for run in runs:
+        error = _result(run)
+        if error is not None:
+            out[str(run.seed) if run.fold is None else f"{run.seed}/{run.fold}"] = error
+    return out
+
+
 def provenance_summary(runs: Sequence[Run]) -> dict[str, Any]:
     """Where the runs were trained: each provenance field's value (a list where the runs
     differ) and the first/last date; {} when no run recorded it."""
@@ -281,8 +294,8 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
     Returns:
       A JSON-able dict: val_error_mean / _std / _min / _max (percent, over the seeds with
       a result; a seed's error pools its folds, :func:`seed_errors`), seed_errors
-      ({seed: error}), num_seeds, folds (0 without k-fold), val_images (validated images
-      per seed),
+      ({seed: error}), run_errors (:func:`run_errors`), num_seeds, folds (0 without
+      k-fold), val_images (validated images per seed),
       best_val_error_min, failures_total, runs_with_failures, final_kappa_eps and
       median_kappa_eps (medians over seeds), final_kappa_raw, median_kappa_raw (median
       over the non-singular monitored steps, then over seeds), singular_fraction (share of
@@ -313,6 +326,7 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
         "num_seeds": len(per_seed),
         "folds": max((r.fold + 1 for r in all_runs if r.fold is not None), default=0),
         "seed_errors": {str(k): e for k, (e, _) in per_seed.items()},
+        "run_errors": run_errors(runs),
         "val_images": images.pop() if len(images) == 1 else None,
         "val_error_mean": _stat(errors, np.mean),
         "val_error_std": _std(errors),
@@ -340,27 +354,30 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
 
 def versus(row: Mapping[str, Any], ref: Mapping[str, Any] | None,
            confidence: float = 0.95) -> dict[str, Any]:
-    """A row's per-seed paired difference to the reference row (``svd``).
+    """A row's paired difference to the reference row (``svd``).
 
-    Over the seeds both rows have: d_s = error(row, s) - error(ref, s) (points), its mean
-    and the exact sign-flip interval (:func:`stats.sign_flip_interval`; None below 6
-    seeds at 95%). Separable: the interval excludes 0.
+    The pairs are runs of the same seed (and, with k-fold, the same fold) in both rows
+    (:func:`run_errors`): d = error(row, run) - error(ref, run) in points. Returns their
+    mean and the exact sign-flip interval (:func:`stats.sign_flip_interval`; None below
+    6 pairs at 95%). Separable: the interval excludes 0. With k-fold runs the mean of d
+    over whole seeds is the difference of the seeds' pooled errors (up to the folds'
+    size difference of at most one image).
 
     Returns:
       ``{"diff": mean d or None, "interval": [lo, hi] or None, "separable": True / False /
-      None (no interval), "pairs": number of seeds compared}``.
+      None (no interval), "pairs": number of paired runs}``.
     """
     if ref is None or row is ref:
         return {"diff": None, "interval": None, "separable": None, "pairs": 0}
-    mine, theirs = row["seed_errors"], ref["seed_errors"]
-    seeds = sorted(set(mine) & set(theirs), key=int)
-    if not seeds:
+    mine, theirs = row["run_errors"], ref["run_errors"]
+    units = sorted(set(mine) & set(theirs))
+    if not units:
         return {"diff": None, "interval": None, "separable": None, "pairs": 0}
-    d = [mine[k] - theirs[k] for k in seeds]
+    d = [mine[k] - theirs[k] for k in units]
     interval = stats.sign_flip_interval(d, confidence)
     return {"diff": float(np.mean(d)), "interval": None if interval is None else list(interval),
             "separable": None if interval is None else bool(interval[0] > 0 or interval[1] < 0),
-            "pairs": len(seeds)}
+            "pairs": len(units)}
 
 
 def aggregate(runs: Sequence[Run], *, reference: str = "svd") -> list[dict[str, Any]]:
@@ -415,10 +432,13 @@ def design_line(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> 
             f"seed validates {' / '.join(map(str, images)) or 'an unrecorded number of'} "
             f"images" + (f" ({' / '.join(map(str, folds))}-fold: every image once per seed)"
                          if folds else "") + ".")
-    if any(r.get("vs_svd_pairs") for r in rows):
-        text += (f" vs svd: mean per-seed paired difference (points) and its exact "
-                 f"sign-flip {100 * confidence:.0f}% interval; separable = the interval "
-                 "excludes 0 (needs >= 6 seeds).")
+    pairs = sorted({r["vs_svd_pairs"] for r in rows if r.get("vs_svd_pairs")})
+    if pairs:
+        unit = "(seed, fold) runs" if folds else "seeds"
+        text += (f" vs svd: mean paired difference (points) over {' / '.join(map(str, pairs))}"
+                 f" {unit} (same initial parameters, batches and validation images) and its "
+                 f"exact sign-flip {100 * confidence:.0f}% interval; separable = the "
+                 "interval excludes 0 (needs >= 6 pairs).")
     return text
 
 
@@ -475,7 +495,7 @@ def _fmt_versus(r: Mapping[str, Any]) -> str:
     if diff is None:
         return "–"
     if interval is None:
-        return f"{diff:+.2f} (no interval: {r.get('vs_svd_pairs')} seeds)"
+        return f"{diff:+.2f} (no interval: {r.get('vs_svd_pairs')} pairs)"
     verdict = "yes" if r.get("vs_svd_separable") else "no"
     return f"{diff:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] {verdict}"
 

@@ -93,7 +93,7 @@ def test_markdown_and_json_tables(sweep: Path) -> None:
     assert "| singular (rank 5/8) | 2.0e+06 |" in text and "| 19.99 |" in text
     assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2 (2/3 runs) |" in text
     # paired over seeds 0 and 1: d = [19 - 20, 18 - 21]; 2 seeds give no 95% interval
-    assert "| -2.00 (no interval: 2 seeds) |" in text
+    assert "| -2.00 (no interval: 2 pairs) |" in text
     assert "over 2 / 3 seeds per method" in text
     loaded = json.loads(js.read_text())
     assert loaded["title"] == "t" and "seeds per method" in loaded["design"]
@@ -107,18 +107,19 @@ def test_markdown_and_json_tables(sweep: Path) -> None:
 
 
 def test_versus_svd_is_the_paired_difference_with_its_sign_flip_interval() -> None:
-    ref = {"seed_errors": {str(s): 2.0 + 0.3 * s for s in range(8)}}
-    better = {"seed_errors": {str(s): 1.5 + 0.3 * s + 0.05 * (-1) ** s for s in range(8)}}
+    """Paired by run (seed, or seed/fold): every run of svd+x started where svd's did."""
+    ref = {"run_errors": {str(s): 2.0 + 0.3 * s for s in range(8)}}
+    better = {"run_errors": {str(s): 1.5 + 0.3 * s + 0.05 * (-1) ** s for s in range(8)}}
     v = tables.versus(better, ref)
     assert v["pairs"] == 8 and v["separable"] is True  # every seed better by ~0.5
     np.testing.assert_allclose(v["diff"], -0.5)
     assert v["interval"][0] < -0.5 < v["interval"][1] < 0
-    noisy = {"seed_errors": {str(s): 2.0 + 0.3 * s + (-1) ** s for s in range(8)}}
+    noisy = {"run_errors": {str(s): 2.0 + 0.3 * s + (-1) ** s for s in range(8)}}
     assert tables.versus(noisy, ref)["separable"] is False  # +1, -1, +1, ...: not separable
-    few = {"seed_errors": {str(s): 1.0 for s in range(5)}}
+    few = {"run_errors": {str(s): 1.0 for s in range(5)}}
     assert tables.versus(few, ref)["interval"] is None  # 5 pairs: 2/32 > 0.05
     assert tables.versus(ref, ref)["diff"] is None
-    assert tables.versus({"seed_errors": {"9": 1.0}}, ref)["pairs"] == 0
+    assert tables.versus({"run_errors": {"9": 1.0}}, ref)["pairs"] == 0
 
 
 def test_folds_pool_into_one_error_per_seed(tmp_path: Path) -> None:
@@ -142,7 +143,8 @@ def test_folds_pool_into_one_error_per_seed(tmp_path: Path) -> None:
     np.testing.assert_allclose(rows["svd"]["seed_errors"]["1"], (300 * 20 + 100 * 1) / 400)
     assert rows["svd"]["val_images"] == 400 and rows["svd"]["num_seeds"] == 2
     assert list(rows["bn"]["seed_errors"]) == ["0"]  # seed 1 lacks a fold's result
-    assert rows["bn"]["vs_svd_pairs"] == 1
+    assert rows["bn"]["run_errors"] == {"0/0": 12.0, "0/1": 3.0, "1/0": 20.0}
+    assert rows["bn"]["vs_svd_pairs"] == 3  # paired by (seed, fold) run
     text = tables.markdown_table(list(rows.values()))
     assert "validates 400 images (2-fold: every image once per seed)" in text
 
