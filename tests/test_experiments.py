@@ -338,7 +338,8 @@ def test_demo_reduced_mode_end_to_end(tmp_path: Path, capsys) -> None:
     rows = {r["method"]: r for r in json.loads((quick / "table.json").read_text())["rows"]}
     assert set(rows) == {"bn", "svd+nog+olr"} and not workdir.exists()
     for row in rows.values():
-        assert row["num_finished"] == 1 and row["failures_total"] == 0
+        assert row["num_finished"] == 2 and row["failures_total"] == 0  # 2 folds
+        assert row["num_seeds"] == 1 and row["folds"] == 2 and row["val_images"] == 128 * 2
         assert 0.0 <= row["val_error_mean"] <= 100.0
         assert row["final_kappa_eps"] is not None and math.isfinite(row["final_kappa_eps"])
         assert row["rank"] <= 9 and row["dim"] == 16  # one grey channel: 9-dim patches
@@ -346,7 +347,7 @@ def test_demo_reduced_mode_end_to_end(tmp_path: Path, capsys) -> None:
         assert row["median_kappa_nonzero"] is not None
     assert "svd+nog+olr" in table and "(--quick" in table
     out = capsys.readouterr().out
-    assert "[bn/seed0] done: val_error=" in out and "compile=" in out
+    assert "[bn/seed0/fold1] done: val_error=" in out and "compile=" in out
     assert (quick / "conditioning.png").stat().st_size > 10_000
     # quick then full of one method: the full sweep would not report the 6-step run
     with pytest.raises(SystemExit, match="not a run of the requested config"):
