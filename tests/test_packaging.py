@@ -131,7 +131,7 @@ def test_training_without_the_train_extra_names_the_install_line() -> None:
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ("svdcond-demo", "svdcond-run", "svdcond-plot", "svdcond-dbn", "svdcond-gcp",
-           "svdcond-launch")
+           "svdcond-launch", "svdcond-conditioning-study")
 
 
 def _pyproject() -> dict:
@@ -173,7 +173,7 @@ def test_console_scripts_answer_help_from_any_directory(tmp_path, script) -> Non
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--" in result.stdout and "error" not in result.stdout.lower()[:200]
-    if script not in ("svdcond-plot", "svdcond-launch"):
+    if script not in ("svdcond-plot", "svdcond-launch", "svdcond-conditioning-study"):
         assert "Config fields" in result.stdout and "--config.batch_size=" in result.stdout
 
 
