@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     exp_flags.parse(fv, argv)
     exp_flags.initialize_distributed(fv)  # before any jax computation
     sweep = run.sweep_from_flags(fv)
-    if sweep.quick and not fv["methods"].present:
+    if sweep.quick and run.requested_methods(fv) is None:  # neither --methods nor --config.method
         sweep = dataclasses.replace(sweep, methods=list(sweep.module.QUICK_METHODS))
     start = time.perf_counter()
     table = run.execute(sweep)

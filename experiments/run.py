@@ -7,6 +7,9 @@ Usage (absl flags; ml_collections config_flags for the config and its fields):
 
 `--config=path.py:arg` passes `arg` to `get_config`; `--quick` selects "runlocal" (a tiny
 local run) and writes to `<workdir>_quick`, so a quick sweep never mixes with a full one.
+The sweep sets each run's `method` and `seed` itself: `--config.method=m` / `--config.seed=s`
+without `--methods` / `--seeds` sweep that method / seed alone, and together with a
+`--methods` / `--seeds` that names anything else they are refused.
 Multi-process: `--coordinator_address=host:port --num_processes=N --process_id=i` (see
 `svdcond_jax.training.distributed`); only process 0 writes tables and plots.
 
@@ -323,12 +326,57 @@ class Sweep:
     overwrite: bool
 
 
+def _sweep_axis(fv: flags.FlagValues, flag: str, field: str, listed: list[Any] | None
+                ) -> list[Any] | None:
+    """One sweep axis as the command line gives it: ``--<flag>`` and/or ``--config.<field>``.
+
+    The sweep sets ``config.<field>`` of every run itself, from ``--<flag>``, so an override
+    of the field is never left to be silently replaced: alone it is the sweep's only value
+    (``--config.seed=5`` trains seed 5); with ``--<flag>`` naming just that value it is
+    redundant; with any other ``--<flag>`` the two conflict and the command is refused.
+    """
+    overrides = config_flags.get_override_values(fv["config"])
+    if field not in overrides:
+        return listed
+    value = overrides[field]
+    if listed is None or listed == [value]:
+        return [value]
+    raise SystemExit(
+        f"error: --config.{field}={value} conflicts with --{flag}="
+        f"{','.join(map(str, listed))}: the sweep sets each run's config.{field} from "
+        f"--{flag}; give --{flag} alone (--{flag}={value} for that {field} only)")
+
+
+def requested_methods(fv: flags.FlagValues) -> list[str] | None:
+    """The methods that ``--methods`` and ``--config.method`` ask for; None: neither.
+
+    Raises:
+      SystemExit: an empty ``--methods``, or ``--config.method`` that ``--methods`` does
+        not name alone (see :func:`_sweep_axis`).
+    """
+    return _sweep_axis(fv, "methods", "method", exp_flags.str_list("methods", fv.methods))
+
+
+def requested_seeds(fv: flags.FlagValues) -> list[int] | None:
+    """The seeds that ``--seeds`` and ``--config.seed`` ask for; None: neither.
+
+    Raises:
+      SystemExit: a bad ``--seeds``, or ``--config.seed`` that ``--seeds`` does not name
+        alone (see :func:`_sweep_axis`).
+    """
+    return _sweep_axis(fv, "seeds", "seed", exp_flags.int_list("seeds", fv.seeds))
+
+
 def sweep_from_flags(fv: flags.FlagValues) -> Sweep:
     """Resolves parsed flags into a :class:`Sweep` (config, methods, seeds, workdir).
 
+    ``--config.method`` / ``--config.seed`` are the sweep's methods / seeds when
+    ``--methods`` / ``--seeds`` are absent (the sweep sets those two fields per run).
+
     Raises:
-      SystemExit: no config, no workdir, an empty method/seed list, or a config file
-        without `get_config`.
+      SystemExit: no config, no workdir, an empty method/seed list, a config file
+        without `get_config`, or ``--config.method`` / ``--config.seed`` contradicting
+        ``--methods`` / ``--seeds``.
     """
     if fv["config"].value is None:
         raise SystemExit("error: --config is required")
@@ -342,9 +390,9 @@ def sweep_from_flags(fv: flags.FlagValues) -> Sweep:
         config = module.get_config("runlocal")
         for key, value in config_flags.get_override_values(fv["config"]).items():
             set_field(config, key, value)
-    methods = exp_flags.str_list("methods", fv.methods)
+    methods = requested_methods(fv)
     methods = methods or list(getattr(module, "METHODS", [config.method]))
-    seeds = exp_flags.int_list("seeds", fv.seeds)
+    seeds = requested_seeds(fv)
     seeds = seeds if seeds is not None else list(getattr(module, "SEEDS", [0]))
     workdir = fv.workdir or getattr(module, "WORKDIR", None)
     if not workdir:
