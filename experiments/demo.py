@@ -43,9 +43,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     """
     runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = run.define_flags(["prog", *argv], config_default=str(CONFIG))
-    exp_flags.parse(fv, argv)
-    exp_flags.initialize_distributed(fv)  # before any jax computation
+    fv = run.parse_flags(argv, config_default=str(CONFIG))  # then joins the other processes
     sweep = run.sweep_from_flags(fv)
     if sweep.quick and run.requested_methods(fv) is None:  # neither --methods nor --config.method
         sweep = dataclasses.replace(sweep, methods=list(sweep.module.QUICK_METHODS))

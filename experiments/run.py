@@ -442,6 +442,46 @@ def execute(sweep: Sweep, *, log: Callable[[str], None] = print) -> str:
     return table
 
 
+def parse_flags(argv: Sequence[str], *, config_default: str | None = None
+                ) -> flags.FlagValues:
+    """Defines and parses the runner's flags, then joins the other processes (if any).
+
+    A process of a multi-process run (``--coordinator_address`` ... or ``JAX_*``
+    variables) whose command line is refused here tells the others before it exits
+    (``distributed.report_failure``): process 0 then stops every process within seconds,
+    naming this one and its error, instead of waiting for it until the timeout.
+
+    Args:
+      argv: the arguments without the program name.
+      config_default: default of `--config`.
+
+    Raises:
+      SystemExit: a bad command line ("error: ..."), or a failed start.
+    """
+    try:
+        fv = define_flags(["prog", *argv], config_default=config_default)
+        exp_flags.parse(fv, argv)
+    except SystemExit as err:
+        if isinstance(err.code, str) and _tell_the_other_processes(argv, err.code):
+            raise SystemExit(1) from None  # the message is printed already
+        raise
+    exp_flags.initialize_distributed(fv)  # before any jax computation
+    return fv
+
+
+def _tell_the_other_processes(argv: Sequence[str], message: str) -> bool:
+    """``distributed.report_failure`` with the distributed flags that ``argv`` holds."""
+    from svdcond_jax.training import distributed
+
+    fv = exp_flags.new_flag_values()
+    try:
+        fv(["prog", *argv], known_only=True)
+        given = (fv.coordinator_address, fv.num_processes, fv.process_id)
+    except flags.Error:  # a bad distributed flag: the environment's values only
+        given = (None, None, None)
+    return distributed.report_failure(message, *given)
+
+
 def main(argv: Sequence[str] | None = None, *, config_default: str | None = None) -> str:
     """Parses flags, runs the sweep, writes and prints the table; returns it.
 
@@ -451,10 +491,7 @@ def main(argv: Sequence[str] | None = None, *, config_default: str | None = None
     """
     runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = define_flags(["prog", *argv], config_default=config_default)
-    exp_flags.parse(fv, argv)
-    exp_flags.initialize_distributed(fv)  # before any jax computation
-    return execute(sweep_from_flags(fv))
+    return execute(sweep_from_flags(parse_flags(argv, config_default=config_default)))
 
 
 if __name__ == "__main__":
