@@ -44,10 +44,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     """
     runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = run.parse_flags(argv, config_default=str(CONFIG), doc=__doc__)
-    exp_flags.initialize_distributed(fv)  # before any jax computation
+    fv = run.parse_flags(argv, config_default=str(CONFIG), doc=__doc__)  # joins processes
     sweep = run.sweep_from_flags(fv)
-    if sweep.quick and not fv["methods"].present:
+    if sweep.quick and run.requested_methods(fv) is None:  # neither --methods nor --config.method
         sweep = dataclasses.replace(sweep, methods=list(sweep.module.QUICK_METHODS))
     start = time.perf_counter()
     table = run.execute(sweep)

@@ -61,13 +61,13 @@ def initialize_distributed(fv: flags.FlagValues) -> None:
 
     Raises:
       SystemExit: for an incomplete or inconsistent specification (the message says what
-        is missing).
+        is missing), or a start that failed (a held port, a process that failed).
     """
     from svdcond_jax.training import distributed
 
     try:
         distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # RuntimeError: distributed.StartError
         raise SystemExit(f"error: {err}") from None
 
 

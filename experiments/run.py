@@ -10,6 +10,9 @@ config's fields.
 
 `--config=path.py:arg` passes `arg` to `get_config`; `--quick` selects "runlocal" (a tiny
 local run) and writes to `<workdir>_quick`, so a quick sweep never mixes with a full one.
+The sweep sets each run's `method` and `seed` itself: `--config.method=m` / `--config.seed=s`
+without `--methods` / `--seeds` sweep that method / seed alone, and together with a
+`--methods` / `--seeds` that names anything else they are refused.
 Multi-process: `--coordinator_address=host:port --num_processes=N --process_id=i` (see
 `svdcond_jax.training.distributed`); only process 0 writes tables and plots.
 
@@ -330,11 +333,32 @@ def define_flags(argv: Sequence[str], *, config_default: str | None = None
 
 def parse_flags(argv: Sequence[str], *, config_default: str | None = None,
                 doc: str | None = None) -> flags.FlagValues:
-    """:func:`define_flags` and :func:`exp_flags.parse` over ``argv`` (without the program
-    name), a shipped config's name resolved to its path; answers ``--help``."""
+    """Defines and parses the runner's flags, then joins the other processes (if any).
+
+    A shipped config's name (``--config=digits_gcp``) is resolved to its path first;
+    ``--help`` prints ``doc``, the flags and the config's fields, and exits 0. A process of
+    a multi-process run (``--coordinator_address`` ... or ``JAX_*`` variables) whose
+    command line is refused here tells the others before it exits
+    (``distributed.report_failure``): process 0 then stops every process within seconds,
+    naming this one and its error, instead of waiting for it until the timeout.
+
+    Args:
+      argv: the arguments without the program name.
+      config_default: default of `--config`.
+      doc: what ``--help`` prints first.
+
+    Raises:
+      SystemExit: a bad command line ("error: ..."), help (code 0), or a failed start.
+    """
     argv = exp_flags.resolve_config(argv)
-    fv = define_flags(["prog", *argv], config_default=config_default)
-    exp_flags.parse(fv, argv, doc=doc, config_default=config_default)
+    try:
+        fv = define_flags(["prog", *argv], config_default=config_default)
+        exp_flags.parse(fv, argv, doc=doc, config_default=config_default)
+    except SystemExit as err:
+        if isinstance(err.code, str) and _tell_the_other_processes(argv, err.code):
+            raise SystemExit(1) from None  # the message is printed already
+        raise
+    exp_flags.initialize_distributed(fv)  # before any jax computation
     return fv
 
 
@@ -352,12 +376,57 @@ class Sweep:
     overwrite: bool
 
 
+def _sweep_axis(fv: flags.FlagValues, flag: str, field: str, listed: list[Any] | None
+                ) -> list[Any] | None:
+    """One sweep axis as the command line gives it: ``--<flag>`` and/or ``--config.<field>``.
+
+    The sweep sets ``config.<field>`` of every run itself, from ``--<flag>``, so an override
+    of the field is never left to be silently replaced: alone it is the sweep's only value
+    (``--config.seed=5`` trains seed 5); with ``--<flag>`` naming just that value it is
+    redundant; with any other ``--<flag>`` the two conflict and the command is refused.
+    """
+    overrides = config_flags.get_override_values(fv["config"])
+    if field not in overrides:
+        return listed
+    value = overrides[field]
+    if listed is None or listed == [value]:
+        return [value]
+    raise SystemExit(
+        f"error: --config.{field}={value} conflicts with --{flag}="
+        f"{','.join(map(str, listed))}: the sweep sets each run's config.{field} from "
+        f"--{flag}; give --{flag} alone (--{flag}={value} for that {field} only)")
+
+
+def requested_methods(fv: flags.FlagValues) -> list[str] | None:
+    """The methods that ``--methods`` and ``--config.method`` ask for; None: neither.
+
+    Raises:
+      SystemExit: an empty ``--methods``, or ``--config.method`` that ``--methods`` does
+        not name alone (see :func:`_sweep_axis`).
+    """
+    return _sweep_axis(fv, "methods", "method", exp_flags.str_list("methods", fv.methods))
+
+
+def requested_seeds(fv: flags.FlagValues) -> list[int] | None:
+    """The seeds that ``--seeds`` and ``--config.seed`` ask for; None: neither.
+
+    Raises:
+      SystemExit: a bad ``--seeds``, or ``--config.seed`` that ``--seeds`` does not name
+        alone (see :func:`_sweep_axis`).
+    """
+    return _sweep_axis(fv, "seeds", "seed", exp_flags.int_list("seeds", fv.seeds))
+
+
 def sweep_from_flags(fv: flags.FlagValues) -> Sweep:
     """Resolves parsed flags into a :class:`Sweep` (config, methods, seeds, workdir).
 
+    ``--config.method`` / ``--config.seed`` are the sweep's methods / seeds when
+    ``--methods`` / ``--seeds`` are absent (the sweep sets those two fields per run).
+
     Raises:
-      SystemExit: no config, no workdir, an empty method/seed list, or a config file
-        without `get_config`.
+      SystemExit: no config, no workdir, an empty method/seed list, a config file
+        without `get_config`, or ``--config.method`` / ``--config.seed`` contradicting
+        ``--methods`` / ``--seeds``.
     """
     if fv["config"].value is None:
         raise SystemExit("error: --config is required")
@@ -371,9 +440,9 @@ def sweep_from_flags(fv: flags.FlagValues) -> Sweep:
         config = module.get_config("runlocal")
         for key, value in config_flags.get_override_values(fv["config"]).items():
             set_field(config, key, value)
-    methods = exp_flags.str_list("methods", fv.methods)
+    methods = requested_methods(fv)
     methods = methods or list(getattr(module, "METHODS", [config.method]))
-    seeds = exp_flags.int_list("seeds", fv.seeds)
+    seeds = requested_seeds(fv)
     seeds = seeds if seeds is not None else list(getattr(module, "SEEDS", [0]))
     workdir = fv.workdir or getattr(module, "WORKDIR", None)
     if not workdir:
@@ -423,6 +492,19 @@ def execute(sweep: Sweep, *, log: Callable[[str], None] = print) -> str:
     return table
 
 
+def _tell_the_other_processes(argv: Sequence[str], message: str) -> bool:
+    """``distributed.report_failure`` with the distributed flags that ``argv`` holds."""
+    from svdcond_jax.training import distributed
+
+    fv = exp_flags.new_flag_values()
+    try:
+        fv(["prog", *argv], known_only=True)
+        given = (fv.coordinator_address, fv.num_processes, fv.process_id)
+    except flags.Error:  # a bad distributed flag: the environment's values only
+        given = (None, None, None)
+    return distributed.report_failure(message, *given)
+
+
 def main(argv: Sequence[str] | None = None, *, config_default: str | None = None,
          doc: str | None = None) -> str:
     """Parses flags, runs the sweep, writes and prints the table; returns it.
@@ -434,9 +516,8 @@ def main(argv: Sequence[str] | None = None, *, config_default: str | None = None
     """
     runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = parse_flags(argv, config_default=config_default, doc=doc or __doc__)
-    exp_flags.initialize_distributed(fv)  # before any jax computation
-    return execute(sweep_from_flags(fv))
+    return execute(sweep_from_flags(
+        parse_flags(argv, config_default=config_default, doc=doc or __doc__)))
 
 
 def cli() -> None:

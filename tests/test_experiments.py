@@ -263,6 +263,43 @@ def test_help_flags_print_the_flags_and_the_config_fields(entry, argv, flag, cap
         assert "Config fields" in out and "--config.seed=0" in out
 
 
+def test_config_method_and_seed_are_the_sweep_or_refused(monkeypatch) -> None:
+    # The sweep sets config.method and config.seed per run: an override of either is its
+    # only value, redundant with a --methods/--seeds naming just it, else refused.
+    demo_config = str(CONFIG_DIR / "digits_demo.py")
+    for argv, methods, seeds in (
+            (["--config.seed=5"], None, [5]),
+            (["--seeds=5", "--config.seed=5"], None, [5]),
+            (["--config.method=svd+nog", "--config.seed=2"], ["svd+nog"], [2]),
+            (["--methods=bn", "--config.method=bn"], ["bn"], None)):
+        sweep = _sweep(argv, config_default=demo_config)
+        assert sweep.methods == (methods or ["bn", "svd", "svd+nog", "svd+olr", "svd+ow",
+                                             "svd+nog+ow+olr", "newton_schulz"]), argv
+        assert sweep.seeds == (seeds or [0, 1, 2, 3]), argv
+    for argv, match in (
+            (["--seeds=0", "--config.seed=-1"],
+             r"--config.seed=-1 conflicts with --seeds=0: the sweep sets each run's "
+             r"config.seed from --seeds; give --seeds alone \(--seeds=-1 for that seed only"),
+            (["--seeds=5,6", "--config.seed=5"], "--config.seed=5 conflicts with --seeds=5,6"),
+            (["--methods=svd", "--config.method=foo"],
+             "--config.method=foo conflicts with --methods=svd: .*give --methods alone")):
+        with pytest.raises(SystemExit, match=match):
+            _sweep(argv, config_default=demo_config)
+    # Alone, an unknown method is the sweep's method, and validation names it.
+    sweep = _sweep(["--config.method=foo"], config_default=demo_config)
+    with pytest.raises(ValueError,
+                       match=r"run foo/seed0/fold0: (.|\n)*config.method='foo': must be"):
+        run.validate_sweep(sweep.config, sweep.methods, sweep.seeds)
+    # The demo's --quick keeps its reduced method list only when no method was asked for.
+    from experiments import demo
+
+    asked = []
+    monkeypatch.setattr(run, "execute", lambda sweep: asked.append(sweep) or "")
+    demo.main(["--quick", "--config.method=svd+nog", "--workdir=/nonexistent/never"])
+    demo.main(["--quick", "--workdir=/nonexistent/never"])
+    assert [s.methods for s in asked] == [["svd+nog"], ["bn", "svd+nog+olr"]]
+
+
 def _fake_train(calls: list) -> run.TrainFn:
     def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         calls.append((config.method, config.seed, workdir))

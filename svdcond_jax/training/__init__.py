@@ -4,7 +4,8 @@ monitor, checkpoints, metric writers and ``train_and_evaluate(config, workdir)``
 Modules: ``config`` (get_config), ``methods`` (METHODS, parse_method), ``input_pipeline``,
 ``state`` (model/optimizer/TrainState), ``steps`` (train/eval/feature steps; jit over a Mesh
 or pmap), ``monitor`` (float64 kappa), ``writers`` (metrics.jsonl + TensorBoard),
-``checkpointing`` (orbax), ``loop`` (train_and_evaluate).
+``checkpointing`` (orbax; plain or keyed integrity records), ``distributed`` (several
+processes) with ``rendezvous`` (their start handshake), ``loop`` (train_and_evaluate).
 """
 
 from typing import Any

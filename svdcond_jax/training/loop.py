@@ -256,8 +256,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             past the config's last step.
         WorkdirBusyError: another run holds ``workdir``.
         CheckpointMismatchError: ``workdir`` holds checkpoints of another config.
+        CheckpointAuthenticationError: a checkpoint key is set and a checkpoint's record
+            does not authenticate under it (``checkpointing``, "Keyed digest").
     """
     validate_config(config)
+    checkpointing.checkpoint_key(workdir)  # a bad key setting fails before anything runs
     steps.check_mode(config.parallel)
     local = _local_batch_size(config.batch_size)
     _local_batch_size(config.eval_batch_size)
