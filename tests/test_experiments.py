@@ -406,3 +406,17 @@ def test_step_timing_overheads_and_table() -> None:
     table = step_timing.format_table(results, header="h")
     assert "| svd | 42.0 | 60.0 | 102.0 | 1.050 | 1.000 | 1.020 | 44 / 95 |" in table
     assert "MISSES" in step_timing.format_overheads(list(rows.values()))
+
+
+def test_conditioning_study_quick_pairs_nog_with_svd(tmp_path: Path) -> None:
+    from experiments import conditioning_study
+
+    table = conditioning_study.main(["--quick", "--variants=paper,eps relative",
+                                     "--seeds=0", "--methods=svd,svd+nog",
+                                     f"--workdir={tmp_path / 'study'}"])
+    assert "| paper | svd+nog |" in table and "| eps relative | svd+nog |" in table
+    saved = json.loads((tmp_path / "study_quick" / "conditioning_study.json").read_text())
+    ratio = saved["results"]["paper"]["svd+nog"]["kappa_eps_vs_svd"]
+    assert ratio is not None and ratio["n"] == 1 and ratio["geomean"] > 0
+    with pytest.raises(SystemExit, match="unknown"):
+        conditioning_study.main(["--variants=nope", f"--workdir={tmp_path}"])

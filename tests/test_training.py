@@ -464,3 +464,16 @@ def test_methods_of_one_seed_start_from_the_same_parameters_where_the_trees_coin
         assert len(shared) >= len(ref) - 3, (method, set(ref) - shared)  # SOC's own kernel
         for path in shared:
             np.testing.assert_array_equal(params[path], ref[path], err_msg=f"{method} {path}")
+
+
+def test_monitor_with_relative_eps_reads_the_matrix_the_layer_decomposes():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(6, 40))
+    p = p @ p.T / 40
+    lam = np.linalg.eigvalsh(p)
+    ridge = 0.01 * np.trace(p) / 6
+    stats = monitor.eigen_stats(p, eps=0.01, relative_eps=True)
+    np.testing.assert_allclose(stats["kappa_eps"], (lam[-1] + ridge) / (lam[0] + ridge),
+                               rtol=1e-10)
+    scaled = monitor.eigen_stats(25.0 * p, eps=0.01, relative_eps=True)
+    np.testing.assert_allclose(scaled["kappa_eps"], stats["kappa_eps"], rtol=1e-10)

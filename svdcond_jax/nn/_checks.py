@@ -31,6 +31,13 @@ def check_int(where: str, name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def check_bool(where: str, name: str, value: Any) -> bool:
+    """``value``; TypeError unless a bool (0/1 and strings are refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: {name} must be True or False; got {name}={value!r}")
+    return bool(value)
+
+
 def check_real(where: str, name: str, value: Any, *, low: float, high: float = math.inf,
                low_open: bool = False) -> float:
     """``value`` as a float in [low, high] ((low, high] with ``low_open``); NaN is rejected."""

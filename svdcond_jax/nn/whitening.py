@@ -59,19 +59,25 @@ def _from_groups(xg: Array, shape: tuple[int, ...]) -> Array:
 
 
 def group_moments(
-    xg: Array, *, epsilon: float, axis_name: str | None = None
+    xg: Array, *, epsilon: float, axis_name: str | None = None,
+    relative_epsilon: bool = False,
 ) -> tuple[Array, Array]:
     """Mean and regularised covariance of grouped features (Eq. 2 plus eps*I).
 
     Without ``axis_name`` this is the centred covariance of Eq. 2. Inside pmap/shard_map
     with ``axis_name`` the first and second moments are averaged over the devices with
     ``lax.pmean`` (all shards must hold the same number of samples), and the covariance is
-    E[x x^T] - mu mu^T + eps*I, i.e. the statistic of the global batch.
+    E[x x^T] - mu mu^T + eps*I, i.e. the statistic of the global batch. With
+    ``relative_epsilon`` the ridge is ``eps * trace(Sigma) / d`` (eps times the mean
+    eigenvalue), so that kappa(Sigma + ridge) does not change when the features are scaled
+    (docs/conditioning.md).
 
     Args:
       xg: features of shape (groups, d, N).
-      epsilon: ridge added to the diagonal.
+      epsilon: ridge added to the diagonal (relative to the mean eigenvalue with
+        ``relative_epsilon``).
       axis_name: mapped axis to average the moments over, or None.
+      relative_epsilon: scale the ridge by trace(Sigma) / d, per group.
 
     Returns:
       ``(mean, cov)`` of shapes (groups, d) and (groups, d, d).
@@ -84,12 +90,16 @@ def group_moments(
     """
     mean = jnp.mean(xg, axis=-1)
     if axis_name is None:
-        return mean, covariance(xg, eps=epsilon)
-    second = jnp.einsum("gdn,gen->gde", xg, xg, precision=_HIGHEST) / xg.shape[-1]
-    mean, second = jax.lax.pmean((mean, second), axis_name)
-    cov = second - mean[..., :, None] * mean[..., None, :]
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    return mean, cov + epsilon * jnp.eye(xg.shape[1], dtype=xg.dtype)
+        cov = covariance(xg)
+    else:
+        second = jnp.einsum("gdn,gen->gde", xg, xg, precision=_HIGHEST) / xg.shape[-1]
+        mean, second = jax.lax.pmean((mean, second), axis_name)
+        cov = second - mean[..., :, None] * mean[..., None, :]
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    ridge = jnp.asarray(epsilon, cov.dtype)
+    if relative_epsilon:
+        ridge = ridge * jnp.trace(cov, axis1=-2, axis2=-1)[..., None, None] / cov.shape[-1]
+    return mean, cov + ridge * jnp.eye(xg.shape[1], dtype=cov.dtype)
 
 
 def zca_statistics(
@@ -100,6 +110,7 @@ def zca_statistics(
     method: str = "eigh",
     method_kwargs: dict[str, Any] | None = None,
     axis_name: str | None = None,
+    relative_epsilon: bool = False,
 ) -> tuple[Array, Array]:
     """Batch mean and ZCA whitening matrix ``(Sigma + eps I)^{-1/2}`` per channel group.
 
@@ -115,6 +126,7 @@ def zca_statistics(
       method: meta-layer method (``meta_layer.METHODS``).
       method_kwargs: options of the method.
       axis_name: mapped axis for global statistics under pmap/shard_map.
+      relative_epsilon: the ridge is eps * trace(Sigma) / d (:func:`group_moments`).
 
     Returns:
       ``(mean, whitening)`` of shapes (C,) and (groups, C/groups, C/groups).
@@ -127,7 +139,8 @@ def zca_statistics(
       [[1.0, 0.0], [0.0, 0.5]]
     """
     channels = x.shape[-1]
-    mean, cov = group_moments(_to_groups(x, groups), epsilon=epsilon, axis_name=axis_name)
+    mean, cov = group_moments(_to_groups(x, groups), epsilon=epsilon, axis_name=axis_name,
+                              relative_epsilon=relative_epsilon)
     whitening = meta_layer.inv_sqrtm(cov, method=method, **(method_kwargs or {}))
     return mean.reshape(channels), whitening
 
@@ -255,10 +268,11 @@ def channel_affine(y: Array, scale: Array | None, bias: Array | None) -> Array:
 
 def _check_decorrelated_batch_norm(where: str, *, momentum: Any, epsilon: Any, groups: Any,
                                   method: Any, method_kwargs: Any, dtype: Any,
-                                  param_dtype: Any) -> None:
+                                  param_dtype: Any, relative_epsilon: Any = False) -> None:
     """Static arguments of decorrelated BN (Linen and NNX)."""
     _checks.check_real(where, "momentum", momentum, low=0.0, high=1.0)
     _checks.check_real(where, "epsilon", epsilon, low=0.0)
+    _checks.check_bool(where, "relative_epsilon", relative_epsilon)
     _checks.check_int(where, "groups", groups, 1)
     _checks.check_method(where, method, method_kwargs)
     _checks.check_dtype(where, "dtype", dtype)
@@ -312,6 +326,8 @@ class DecorrelatedBatchNorm(nn.Module):
       use_running_average: evaluate with running statistics (may be given at call time).
       momentum: EMA decay of the running statistics, in [0, 1] (0.9 = PyTorch momentum 0.1).
       epsilon: eps*I >= 0 added to the covariance (1e-2 in the paper's experiment).
+      relative_epsilon: add eps * trace(Sigma) / d instead (eps times the mean
+        eigenvalue), which does not follow the features' scale (docs/conditioning.md).
       groups: number of channel groups whitened separately (C % groups must be 0).
       method: meta-layer method, one of ``meta_layer.METHODS``.
       method_kwargs: extra options for the meta-layer method.
@@ -342,6 +358,7 @@ class DecorrelatedBatchNorm(nn.Module):
     use_running_average: bool | None = None
     momentum: float = 0.9
     epsilon: float = 1e-2
+    relative_epsilon: bool = False
     groups: int = 1
     method: str = "eigh"
     method_kwargs: dict[str, Any] | None = None
@@ -357,7 +374,8 @@ class DecorrelatedBatchNorm(nn.Module):
         _check_decorrelated_batch_norm(
             type(self).__name__, momentum=self.momentum, epsilon=self.epsilon,
             groups=self.groups, method=self.method, method_kwargs=self.method_kwargs,
-            dtype=self.dtype, param_dtype=self.param_dtype)
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            relative_epsilon=self.relative_epsilon)
         super().__post_init__()
 
     @nn.compact
@@ -391,7 +409,8 @@ class DecorrelatedBatchNorm(nn.Module):
         else:
             mean, whitening = zca_statistics(
                 xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
-                method_kwargs=self.method_kwargs, axis_name=self.axis_name)
+                method_kwargs=self.method_kwargs, axis_name=self.axis_name,
+                relative_epsilon=self.relative_epsilon)
             if not self.is_initializing():
                 previous = (ra_mean.value, ra_whitening.value)
                 (ra_mean.value, ra_whitening.value), ra_count.value = finite_or_previous(

@@ -57,6 +57,7 @@ class DecorrelatedBatchNorm(nnx.Module):
       use_running_average: evaluation mode.
       momentum: EMA decay of the running statistics, in [0, 1].
       epsilon: eps >= 0 added to the covariance.
+      relative_epsilon: add eps * trace(Sigma) / d instead (scale-free, Linen's docs).
       groups: channel groups whitened separately.
       method: meta-layer method (``meta_layer.METHODS``).
       method_kwargs: options of the method.
@@ -91,6 +92,7 @@ class DecorrelatedBatchNorm(nnx.Module):
         use_running_average: bool | None = False,
         momentum: float = 0.9,
         epsilon: float = 1e-2,
+        relative_epsilon: bool = False,
         groups: int = 1,
         method: str = "eigh",
         method_kwargs: dict[str, Any] | None = None,
@@ -107,7 +109,8 @@ class DecorrelatedBatchNorm(nnx.Module):
         _checks.check_int(where, "num_features", num_features, 1)
         _wh._check_decorrelated_batch_norm(
             where, momentum=momentum, epsilon=epsilon, groups=groups, method=method,
-            method_kwargs=method_kwargs, dtype=dtype, param_dtype=param_dtype)
+            method_kwargs=method_kwargs, dtype=dtype, param_dtype=param_dtype,
+            relative_epsilon=relative_epsilon)
         if num_features % groups:
             raise ValueError(f"{where}: groups={groups} must divide "
                              f"num_features={num_features}")
@@ -124,6 +127,7 @@ class DecorrelatedBatchNorm(nnx.Module):
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.momentum, self.epsilon, self.groups = momentum, epsilon, groups
+        self.relative_epsilon = relative_epsilon
         self.method, self.method_kwargs, self.axis_name = method, method_kwargs, axis_name
         self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -154,7 +158,8 @@ class DecorrelatedBatchNorm(nnx.Module):
         else:
             mean, whitening = _wh.zca_statistics(
                 xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
-                method_kwargs=self.method_kwargs, axis_name=self.axis_name)
+                method_kwargs=self.method_kwargs, axis_name=self.axis_name,
+                relative_epsilon=self.relative_epsilon)
             previous = (self.mean[...], self.whitening[...])
             (self.mean[...], self.whitening[...]), self.nonfinite_batches[...] = (
                 _wh.finite_or_previous(_wh.ema_update(previous, (mean, whitening),

@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = "svd"  # one of svdcond_jax.training.methods.METHODS
     config.task = "auto"  # "dbn" (whitening stem) | "gcp" (covariance head) | "auto"
     config.dbn_eps = 1e-2  # eps*I of decorrelated BN (Appendix B.1)
+    # True: the ridge is dbn_eps * trace(P) / d (scale-free; docs/conditioning.md)
+    config.dbn_eps_relative = False
     config.dbn_groups = 1
     config.gcp_dim = 256  # channels of the GCP 1x1 Pre-SVD conv (Appendix B.2)
     config.ns_iters = 5  # Newton-Schulz iterations of the "newton_schulz" method
@@ -279,6 +281,7 @@ RULES: dict[str, Rule] = {
     "method": _one_of(_methods),
     "task": _one_of(_tasks),
     "dbn_eps": _number(0.0, low_open=True),  # eps*I makes the singular stem covariance PD
+    "dbn_eps_relative": _bool,
     "dbn_groups": _int(1),
     "gcp_dim": _int(1),
     "ns_iters": _int(1),

@@ -167,7 +167,8 @@ def conditioning_record(setup: Setup, par: steps.Parallel, state: TrainState,
     """
     feats = _addressable(par.features_step(state, batch))
     record = monitor.conditioning_stats(feats, eps=setup.monitor_eps,
-                                        per_image=setup.task == "gcp" and setup.spec.uses_svd)
+                                        per_image=setup.task == "gcp" and setup.spec.uses_svd,
+                                        relative_eps=setup.monitor_eps_relative)
     kernel = par.host_state(_find_param(state.params, setup.pre_svd_pattern))
     record["weight_norm"] = float(np.linalg.norm(np.asarray(kernel, np.float64)))
     record["olr_eta"] = _olr_eta(state.opt_state) if setup.spec.olr else None
