@@ -72,13 +72,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import importlib
 import json
 import math
 import os
-import platform
-import re
 import shutil
 import signal
 import statistics
@@ -90,6 +87,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from benchmarks import smoke
 
 _START = time.monotonic()  # the budget counts from here (module import = process start)
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,22 +261,39 @@ class Context:
         left = self.left()
         return None if seconds <= left else f"estimated {seconds:.0f} s > {left:.0f} s left"
 
-    def build_s(self, method: str, precision: str, batch: int) -> float:
-        """Estimated seconds to build (compile or load) one method's forward and step."""
-        if (method, precision, batch) in self.compiled:
-            return self.costs.cache_load
-        if any(p == precision and b == batch for _, p, b in self.compiled):
-            return self.costs.method_compile
-        return self.costs.first_method_compile
+    def build_s(self, kind: str) -> float:
+        """Estimated seconds to build one method's forward and step (see :func:`build_kind`)."""
+        return {"cached": self.costs.cache_load, "more": self.costs.method_compile,
+                "first": self.costs.first_method_compile}[kind]
+
+
+def build_kind(compiled: set[tuple[str, str, int]], key: tuple[str, str, int]) -> str:
+    """How a (method, precision, batch) step gets built given what ``compiled`` holds.
+
+    "cached": compiled before in this process, so jax's persistent cache loads it;
+    "more": another method of the same precision and batch was compiled, whose
+    convolutions XLA has autotuned already; "first": a cold compile.
+    """
+    if key in compiled:
+        return "cached"
+    if any(p == key[1] and b == key[2] for _, p, b in compiled):
+        return "more"
+    return "first"
 
 
 class Part(NamedTuple):
-    """One part of the check: ``run(ctx) -> result``, ``estimate(ctx) -> (s, formula)``."""
+    """One part of the check: ``run(ctx) -> result``, ``estimate(ctx) -> (s, formula)``.
+
+    A part starts when its estimate fits in the time left, or, with ``minimum``, when that
+    much fits: a part whose rows are checked one by one as it runs (part d) starts when
+    its first row fits.
+    """
 
     key: str
     title: str
     run: Callable[[Context], dict[str, Any]]
     estimate: Callable[[Context], tuple[float, str]]
+    minimum: Callable[[Context], float] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -322,266 +338,8 @@ def _median_ms(times: Sequence[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _time_calls(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 # --------------------------------------------------------------------------------------
 # Part a: environment and correctness smoke
-
-
-def environment() -> dict[str, Any]:
-    """Devices, versions (jax, jaxlib, CUDA plugin and libraries, torch), host, settings."""
-    import importlib.metadata as md
-
-    import jax
-
-    devices = jax.devices()
-    dev = devices[0]
-    pattern = re.compile(r"^(jax|jaxlib|jax[-_]cuda.*|nvidia[-_].*|torch|triton|flax|optax|"
-                         r"chex|orbax[-_].*|numpy|scipy|scikit[-_]learn|ml[-_]collections|"
-                         r"absl[-_]py|tensorboard|tensorflow.*|clu)$", re.IGNORECASE)
-    packages = {}
-    for dist in md.distributions():
-        name = dist.metadata["Name"] or ""
-        if pattern.match(name):
-            packages[name] = dist.version
-    try:
-        from jax.extend import backend as jex_backend
-
-        platform_version = jex_backend.get_backend().platform_version
-    except Exception as e:  # recorded, not fatal
-        platform_version = f"unknown ({type(e).__name__})"
-    try:
-        env_info = jax.print_environment_info(return_string=True)
-    except Exception as e:  # recorded, not fatal
-        env_info = f"unavailable ({type(e).__name__}: {e})"
-    return {
-        "platform": dev.platform, "device_kind": dev.device_kind,
-        "device_count": jax.device_count(), "platform_version": platform_version,
-        "devices": [{"id": d.id, "kind": d.device_kind,
-                     "bytes_limit": (d.memory_stats() or {}).get("bytes_limit")}
-                    for d in devices],
-        "jax": jax.__version__, "jaxlib": importlib.import_module("jaxlib").__version__,
-        "python": platform.python_version(), "packages": dict(sorted(packages.items())),
-        "host_cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
-        "settings": {k: os.environ.get(k) for k in (
-            "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS", "OPENBLAS_NUM_THREADS",
-            "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")},
-        "wheels_on_path": [p for p in sys.path if p.endswith(".whl")],
-        "jax_environment_info": env_info,
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def check_eigh_backward(shape: tuple[int, int, int]) -> dict[str, Any]:
-    """The exact eigh backward (our custom derivative) against float64 finite differences.
-
-    On the default device, in float64 (x64 on for this check only): for P = Q diag(l) Q^T
-    with l log-spaced in [0.1, 1] and its two largest eigenvalues equal (where Eq. 7
-    divides by zero), a loss L(P) = <W, f(P)> with f = sqrtm, inv_sqrtm
-    (``method="eigh", backward="exact"``), and three random symmetric unit directions V:
-    the directional derivative <grad L, V> against the central difference
-    (L(P + hV) - L(P - hV)) / 2h, h = 1e-5. Its error is ~h^2 |L'''| / 6 + eps |L| / h;
-    with eigenvalues >= 0.1 (|d^3 l^(-1/2)| <= 6e3) and |L| <= 1e3 that is <= 1e-7 of
-    the derivative, so the check asks for 1e-6. Also the float32 gradient (what training
-    uses) against the float64 one, relative Frobenius error <= 1e-3 (kappa(P) = 10).
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from svdcond_jax import inv_sqrtm, sqrtm
-
-    b, d, _ = shape
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.normal(size=(b, d, d)))
-    lam = np.geomspace(1.0, 0.1, d)
-    lam[1] = lam[0]
-    p = (q * lam) @ np.swapaxes(q, -1, -2)
-    p = (p + np.swapaxes(p, -1, -2)) / 2
-    weight = rng.normal(size=(d, d))
-    directions = []
-    for _ in range(3):
-        v = rng.normal(size=p.shape)
-        v = v + np.swapaxes(v, -1, -2)
-        directions.append(v / np.linalg.norm(v))
-    h = 1e-5
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    out: dict[str, Any] = {"shape": list(shape), "h": h, "fd_tolerance": 1e-6,
-                           "f32_tolerance": 1e-3, "device": str(jax.devices()[0])}
-    try:
-        for name, fn in (("sqrtm", sqrtm), ("inv_sqrtm", inv_sqrtm)):
-            def loss(a, w, fn=fn):
-                return jnp.sum(fn(a, method="eigh", backward="exact") * w)
-
-            value = jax.jit(loss)
-            grad = jax.jit(jax.grad(loss))
-            p64, w64 = jnp.asarray(p, jnp.float64), jnp.asarray(weight, jnp.float64)
-            g64 = np.asarray(grad(p64, w64))
-            errors = []
-            for v in directions:
-                v64 = jnp.asarray(v, jnp.float64)
-                fd = (float(value(p64 + h * v64, w64)) - float(value(p64 - h * v64, w64))) / (2 * h)
-                ad = float(np.sum(g64 * v))
-                errors.append(abs(ad - fd) / max(abs(fd), 1e-300))
-            g32 = np.asarray(grad(jnp.asarray(p, jnp.float32), jnp.asarray(weight, jnp.float32)))
-            f32_error = float(np.linalg.norm(g32 - g64) / np.linalg.norm(g64))
-            out[name] = {"fd_rel_errors": errors, "f32_rel_error": f32_error,
-                         "dtype": str(g64.dtype), "finite": bool(np.isfinite(g64).all()),
-                         "passed": bool(np.isfinite(g64).all() and max(errors) <= 1e-6
-                                        and f32_error <= 1e-3)}
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-    out["passed"] = all(out[n]["passed"] for n in ("sqrtm", "inv_sqrtm"))
-    return out
-
-
-def _custom_calls(hlo: str) -> list[str]:
-    return [line.strip()[:600] for line in hlo.splitlines() if "custom_call_target=" in line]
-
-
-def _eigh_reading(target: str, algorithm: int | None, n: int) -> str:
-    """What a (target, algorithm attribute) of jaxlib's eigh lowering means."""
-    if target.startswith("lapack_"):
-        return f"LAPACK {target.removeprefix('lapack_').removesuffix('_ffi')} on the host CPU"
-    if "syevd" not in target:
-        return f"unrecognised target {target}"
-    # jaxlib's GPU solver kernel (gpu/solver_kernels_ffi.cc): algorithm 0 (default) takes
-    # Jacobi (syevj; batched when batch > 1) for n <= 32, else divide and conquer
-    # (syevd, one call per matrix); 1 forces syevd, 2 forces syevj.
-    if algorithm == 2 or (algorithm == 0 and n <= 32):
-        return "cuSOLVER Jacobi (syevj)" + (" [default for n <= 32]" if algorithm == 0 else "")
-    if algorithm in (0, 1):
-        return ("cuSOLVER divide and conquer (syevd), one call per matrix"
-                + (" [default for n > 32]" if algorithm == 0 else ""))
-    return f"{target} with algorithm={algorithm}"
-
-
-def eigh_algorithm(shape: tuple[int, int, int], calls: int) -> dict[str, Any]:
-    """Which eigh kernel XLA runs for ``shape`` (compiled HLO), and each one's time.
-
-    ``jnp.linalg.eigh`` is compiled and its custom calls read from the optimised HLO text
-    (target name and the ``algorithm`` attribute of jaxlib's GPU lowering); then the
-    default, QR (``syevd``) and Jacobi (``syevj``) implementations of
-    ``jax.lax.linalg.eigh`` are each timed over ``calls`` calls after one warm-up (an
-    implementation the backend refuses, e.g. Jacobi on CPU, is recorded with its error).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks.meta_layer import random_spd
-
-    x = random_spd(shape)
-    compiled = jax.jit(jnp.linalg.eigh).lower(x).compile()
-    calls_text = _custom_calls(compiled.as_text())
-    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', "\n".join(calls_text))))
-    eigh_calls = [c for c in calls_text if "ev" in c.split("custom_call_target=")[1][:40]]
-    algo = None
-    for line in eigh_calls:
-        match = re.search(r"algorithm\s*=\s*(\d+)", line)
-        if match:
-            algo = int(match.group(1))
-    target = next((t for t in targets if "ev" in t), targets[0] if targets else "none")
-    out: dict[str, Any] = {"shape": list(shape), "targets": targets, "algorithm_attr": algo,
-                           "custom_calls": calls_text, "reading": _eigh_reading(
-                               target, algo, shape[-1]), "timings_ms": {}, "errors": {}}
-    impl = jax.lax.linalg.EighImplementation
-    for name, implementation in (("default", None), ("qr", impl.QR), ("jacobi", impl.JACOBI)):
-        fn = jax.jit(functools.partial(jax.lax.linalg.eigh, implementation=implementation))
-        try:
-            jax.block_until_ready(fn(x))
-        except Exception as e:  # recorded: e.g. Jacobi is GPU/TPU only
-            out["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
-            continue
-        times = _time_calls(lambda fn=fn: jax.block_until_ready(fn(x)), max(calls, 1))
-        out["timings_ms"][name] = _median_ms(times)
-    return out
-
-
-def digits_arrays() -> tuple[Any, Any]:
-    """The digits demo's training split, in memory, normalised, grey repeated to 3 channels.
-
-    As ``svdcond_jax.training.input_pipeline`` prepares it (scikit-learn's 8x8 digits,
-    pixels 0..16 -> 0..255, fixed permutation, the first 300 held out, the training
-    split's mean and std) but without TensorFlow and without the random crop.
-    """
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int32)
-    order = np.random.default_rng(0).permutation(len(labels))
-    images, labels = images[order][300:], labels[order][300:]
-    x = images.astype(np.float64) / 255.0
-    x = ((x - x.mean()) / x.std()).astype(np.float32)
-    return np.repeat(x, 3, axis=-1), labels
-
-
-def digits_steps(ctx: Context) -> dict[str, Any]:
-    """``svd+nog+olr`` train steps of the digits demo's TinyResNet on the real digits.
-
-    The demo's config (``experiments/configs/digits_demo.py``: TinyResNet with 16 filters,
-    decorrelated BN stem with eps 1e-2, SGD lr 0.1, momentum 0.9, weight decay 5e-4),
-    the training library's jitted ``train_step`` (non-finite steps are skipped and
-    counted), consecutive batches of the training split. Passes when no step was
-    non-finite.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from experiments.configs import digits_demo
-    from svdcond_jax.training import state as state_lib
-    from svdcond_jax.training import steps
-
-    n, batch = ctx.sizes.digits_steps, ctx.sizes.digits_batch
-    config = digits_demo.get_config()
-    config.method = "svd+nog+olr"
-    images, labels = digits_arrays()
-    start = time.perf_counter()
-    setup = state_lib.create_setup(config, num_classes=10,
-                                   steps_per_epoch=len(labels) // config.batch_size)
-    st = state_lib.create_train_state(jax.random.key(0, impl=config.prng_impl), setup,
-                                      images.shape[1:])
-    step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=setup.learning_rate_fn,
-                                     ol_coeff=setup.ol_coeff, ol_pattern=setup.pre_svd_pattern),
-                   donate_argnums=0)
-    losses, finite = [], []
-    first_s = None
-    for i in range(n):
-        idx = (i * batch + np.arange(batch)) % len(labels)
-        st, metrics = step(st, {"image": jnp.asarray(images[idx]),
-                                "label": jnp.asarray(labels[idx])})
-        losses.append(float(metrics["loss"]))
-        finite.append(bool(metrics["finite"]))
-        if first_s is None:
-            first_s = time.perf_counter() - start
-    total = time.perf_counter() - start
-    ctx.costs.digits_compile = first_s
-    non_finite = finite.count(False)
-    return {"method": "svd+nog+olr", "model": config.model, "num_filters": config.num_filters,
-            "steps": n, "batch": batch, "losses": losses, "non_finite_steps": non_finite,
-            "svd_failures": int(st.svd_failures), "first_step_s": first_s,
-            "steps_after_first_s": total - first_s,
-            "passed": non_finite == 0 and bool(np.isfinite(losses).all())}
 
 
 def run_smoke(ctx: Context) -> dict[str, Any]:
@@ -592,15 +350,17 @@ def run_smoke(ctx: Context) -> dict[str, Any]:
     implementations), those implementations called 1 + 5 times on both shapes (~1 s per
     (256, 256, 256) call: 18 s), the digits step's compile (20 s) and 30 steps.
     """
-    out: dict[str, Any] = {"environment": environment()}
+    out: dict[str, Any] = {"environment": smoke.environment()}
     ctx.log(f"a: {out['environment']['platform']} {out['environment']['device_kind']}, "
             f"jax {out['environment']['jax']}")
-    out["eigh_backward"] = check_eigh_backward(ctx.sizes.fd_shape)
+    start = time.monotonic()
+    out["eigh_backward"] = smoke.check_eigh_backward(ctx.sizes.fd_shape)
+    ctx.costs.small_compile = (time.monotonic() - start) / 6  # 6 compiles, a few calls
     ctx.log(f"a: exact eigh backward vs finite differences: "
             f"{'passed' if out['eigh_backward']['passed'] else 'FAILED'}")
     out["eigh_algorithm"], scales = [], []
     for shape in ctx.sizes.eigh_shapes:
-        row = eigh_algorithm(shape, ctx.sizes.eigh_calls)
+        row = smoke.eigh_algorithm(shape, ctx.sizes.eigh_calls)
         out["eigh_algorithm"].append(row)
         ctx.log(f"a: eigh {shape}: {row['targets']} -> {row['reading']}; "
                 f"{ {k: round(v, 3) for k, v in row['timings_ms'].items()} } ms")
@@ -613,8 +373,8 @@ def run_smoke(ctx: Context) -> dict[str, Any]:
     if error:
         out["digits"] = {"skipped": error}
     else:
-        out["digits"] = digits_steps(ctx)
-        d = out["digits"]
+        out["digits"] = d = smoke.digits_steps(ctx.sizes.digits_steps, ctx.sizes.digits_batch)
+        ctx.costs.digits_compile = d["first_step_s"]
         ctx.log(f"a: {d['steps']} digits steps of svd+nog+olr: loss {d['losses'][0]:.3f} -> "
                 f"{d['losses'][-1]:.3f}, {d['non_finite_steps']} non-finite")
     checks = [out["eigh_backward"]["passed"], out["digits"].get("passed", True)]
@@ -653,36 +413,32 @@ def table6_rows(ctx: Context, methods: Sequence[str], precision: str) -> dict[st
     per_method_timing = (2 + s.rounds * s.repeats) * 1.4 * ctx.costs.step_s
     for m in methods:
         key = (m, precision, s.batch)
-        est = ctx.build_s(*key) + per_method_timing * (len(built) + 1)
-        reason = ctx.fits(est)
+        kind = build_kind(ctx.compiled, key)
+        reason = ctx.fits(ctx.build_s(kind) + per_method_timing * (len(built) + 1))
         if reason:
             dropped.append({"method": m, "reason": reason})
             ctx.log(f"  {m} ({precision}): skipped: {reason}")
             continue
-        was_compiled = key in ctx.compiled
-        first = not any(p == precision and b == s.batch for _, p, b in ctx.compiled)
         b = step_timing.build_steps(m, model=s.model, batch=s.batch, image_size=s.image_size,
                                     num_classes=s.num_classes, precision=precision)
         for fn in b[:2]:
             fn()
             fn()
         ctx.compiled.add(key)
-        if was_compiled:
+        # The next estimates use what this build took.
+        setattr(ctx.costs, {"cached": "cache_load", "more": "method_compile",
+                            "first": "first_method_compile"}[kind], b.compile_s)
+        if kind == "cached":
             cached.append(m)
-            ctx.costs.cache_load = b.compile_s
-        elif first:
-            ctx.costs.first_method_compile = b.compile_s
-        else:
-            ctx.costs.method_compile = b.compile_s
         built[m] = b
-        ctx.log(f"  {m} ({precision}): {'loaded' if was_compiled else 'compiled'} in "
+        ctx.log(f"  {m} ({precision}): {'loaded' if kind == 'cached' else 'compiled'} in "
                 f"{b.compile_s:.1f} s")
     fp: dict[str, list[float]] = {m: [] for m in built}
     step: dict[str, list[float]] = {m: [] for m in built}
     for _ in range(s.rounds):
         for m, b in built.items():
-            fp[m] += _time_calls(b.forward, s.repeats)
-            step[m] += _time_calls(b.step, s.repeats)
+            fp[m] += smoke.time_calls(b.forward, s.repeats)
+            step[m] += smoke.time_calls(b.step, s.repeats)
     peak = _device_peak_mb()
     results = {}
     for m, b in built.items():
@@ -716,18 +472,11 @@ def _device_peak_mb() -> float | None:
 
 def _estimate_rows(ctx: Context, methods: Sequence[str], precision: str) -> tuple[float, str]:
     s, c = ctx.sizes, ctx.costs
-    # Builds in order, the way table6_rows does them (the first of a precision is cold).
-    seen = set(ctx.compiled)
+    seen = set(ctx.compiled)  # builds in order, the way table6_rows does them
     build = []
     for m in methods:
-        key = (m, precision, s.batch)
-        if key in seen:
-            build.append(c.cache_load)
-        elif any(p == precision and b == s.batch for _, p, b in seen):
-            build.append(c.method_compile)
-        else:
-            build.append(c.first_method_compile)
-        seen.add(key)
+        build.append(ctx.build_s(build_kind(seen, (m, precision, s.batch))))
+        seen.add((m, precision, s.batch))
     timing = len(methods) * (2 + s.rounds * s.repeats) * 1.4 * c.step_s
     return sum(build) + timing, (" + ".join(f"{b:.0f}" for b in build)
                                  + f" s builds + {timing:.0f} s timing")
@@ -824,8 +573,7 @@ def _torch_row_s(ctx: Context, method: str) -> float:
     b), else compiles it cold.
     """
     c, s = ctx.costs, ctx.sizes
-    ours = (c.cache_load if (method, "f32", s.batch) in ctx.compiled
-            else c.first_method_compile)
+    ours = c.cache_load if (method, "f32", s.batch) in ctx.compiled else c.first_method_compile
     timing = (2 + s.torch_rounds * s.torch_steps) * 3 * 2 * c.step_s
     return 3 * c.worker_start + ours + c.torch_compile + timing
 
@@ -835,8 +583,9 @@ def run_torch_step(ctx: Context) -> dict[str, Any]:
 
     ``benchmarks/step_vs_torch.py``: one worker process per (row, column), interleaved
     rounds (3 x 5 steps), PyTorch on the same GPU; our workers load the step from the
-    persistent cache when part b compiled it; inductor compiles on all host cores. A row
-    that would not fit is skipped (recorded).
+    persistent cache when part b compiled it; inductor compiles on all host cores. The
+    part starts when its first row fits; a later row that would not fit is skipped
+    (recorded).
 
     Estimate on the GPU: ~410 s after part b. Per row (205 s): three worker starts
     (15 s), our step loaded from the cache (5 s), the first torch.compile step (150 s)
@@ -912,7 +661,7 @@ def run_mfu(ctx: Context) -> dict[str, Any]:
     ctx.compiled.add(("bn", "bf16", s.mfu_batch))
     b.step()
     b.step()
-    times = _time_calls(b.step, s.rounds * s.repeats)
+    times = smoke.time_calls(b.step, s.rounds * s.repeats)
     step_s = statistics.median(times)
     dev = jax.devices()[0]
     peak = None if dev.platform == "cpu" else peak_bf16_tflops(dev.device_kind)
@@ -942,7 +691,7 @@ PARTS: tuple[Part, ...] = (
     Part("c_meta_layer", "meta-layer vs torch.linalg.eigh", run_meta_layer,
          estimate_meta_layer),
     Part("d_torch_step", "our step vs PyTorch eager and torch.compile", run_torch_step,
-         estimate_torch_step),
+         estimate_torch_step, lambda ctx: _torch_row_s(ctx, ctx.sizes.torch_methods[0])),
     Part("e_mfu", "MFU of the bn step, bfloat16", run_mfu, estimate_mfu),
     Part("f1_table6_f32", "Table 6, all rows, float32", run_table6_f32,
          lambda ctx: _estimate_rows(ctx, ctx.sizes.table6_methods, "f32")),
@@ -974,6 +723,19 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def skipped_inside(result: Any) -> list[dict[str, str]]:
+    """What a part that ran left out: Table 6 or PyTorch rows, the torch column, digits."""
+    if not isinstance(result, dict):
+        return []
+    out = [{"item": r["method"], "reason": r["reason"]}
+           for r in result.get("dropped", []) + result.get("skipped_rows", [])]
+    if "torch_skipped" in result:
+        out.append({"item": "torch", "reason": result["torch_skipped"]})
+    if "skipped" in result.get("digits", {}):
+        out.append({"item": "digits", "reason": result["digits"]["skipped"]})
+    return out
+
+
 def _children() -> list[int]:
     """PIDs of this process's child processes (its workers), from /proc."""
     pids = []
@@ -992,8 +754,9 @@ class Runner:
                  hard_deadline: float, cleanup: Callable[[], None]):
         self.ctx, self.parts, self.header = ctx, parts, header
         self.records: list[dict[str, Any]] = []
+        self.results: dict[str, Any] = {}
         self.current: dict[str, Any] | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.cleanup = cleanup
         self.done = False
         self.watchdog = threading.Timer(max(hard_deadline - time.monotonic(), 0.0),
@@ -1004,8 +767,13 @@ class Runner:
         return {"part": part.key, "title": part.title, **fields}
 
     def _finish_part(self, record: dict[str, Any], result: Any = None) -> None:
-        self.records.append(record)
-        write_json(self.ctx.out / f"{record['part']}.json", {**record, "result": result})
+        with self.lock:
+            if self.done:  # the watchdog has written the summary and is exiting
+                return
+            self.current = None
+            self.records.append(record)
+            self.results[record["part"]] = result
+            write_json(self.ctx.out / f"{record['part']}.json", {**record, "result": result})
         self.ctx.log(f"{record['part']}: {record['status']}"
                      + (f" ({record['reason']})" if record.get("reason") else "")
                      + (f" in {record['seconds']:.1f} s" if "seconds" in record else ""))
@@ -1022,7 +790,7 @@ class Runner:
                 reason = "jax's backend is the CPU (no GPU found); --tiny runs on CPU"
                 self._finish_part(self._record(part, status="skipped", reason=reason, **base))
                 continue
-            reason = self.ctx.fits(est)
+            reason = self.ctx.fits(part.minimum(self.ctx) if part.minimum else est)
             if reason:
                 self._finish_part(self._record(part, status="skipped", reason=reason, **base))
                 continue
@@ -1041,14 +809,12 @@ class Runner:
             except Exception as e:  # recorded; the next part still runs
                 status, reason = "error", f"{type(e).__name__}: {e}"[:2000]
                 result = {"traceback": traceback.format_exc()[-6000:]}
-            with self.lock:
-                if self.done:  # the watchdog has written the summary and is exiting
-                    return 0
-                self.current = None
-                self._finish_part({**self._record(part, **base), "status": status,
-                                   **({"reason": reason} if reason else {}),
-                                   "seconds": time.monotonic() - start}, result)
+            self._finish_part({**self._record(part, **base), "status": status,
+                               **({"reason": reason} if reason else {}),
+                               "seconds": time.monotonic() - start}, result)
         with self.lock:
+            if self.done:  # the watchdog wrote the summary first and is exiting
+                return 0
             self.done = True
             self.watchdog.cancel()
             self._write_summary(interrupted=None)
@@ -1087,21 +853,8 @@ class Runner:
             if p.key not in done]
         skipped = [{"part": r["part"], "reason": r.get("reason")} for r in records
                    if r["status"] == "skipped"]
-        for r in records:  # rows and items dropped inside parts that ran
-            path = self.ctx.out / f"{r['part']}.json"
-            result = json.loads(path.read_text()).get("result") if path.exists() else None
-            if not isinstance(result, dict):
-                continue
-            for item in result.get("dropped", []) + result.get("skipped_rows", []):
-                skipped.append({"part": r["part"], "item": item["method"],
-                                "reason": item["reason"]})
-            for key in ("torch_skipped",):
-                if key in result:
-                    skipped.append({"part": r["part"], "item": "torch", "reason": result[key]})
-            digits = result.get("digits")
-            if isinstance(digits, dict) and "skipped" in digits:
-                skipped.append({"part": r["part"], "item": "digits",
-                                "reason": digits["skipped"]})
+        for key, result in self.results.items():
+            skipped += [{"part": key, **item} for item in skipped_inside(result)]
         summary = {**self.header, "elapsed_s": time.monotonic() - _START,
                    "interrupted": interrupted["part"] if interrupted else None,
                    "parts": records, "skipped": skipped,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import carry_wheels, gpu_check, render
+from benchmarks import carry_wheels, gpu_check, render, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,21 +73,26 @@ def test_parts_run_in_priority_order_write_as_they_end_and_skip_what_does_not_fi
     def wrong(ctx):
         return {"passed": False}
 
+    def rows(ctx):
+        return {"skipped_rows": [{"method": "svd", "reason": "estimated 9 s > 1 s left"}]}
+
     parts = [_part("p1", first), _part("p2", second), _part("p3", never, estimate_s=1e6),
-             _part("p4", missing), _part("p5", broken), _part("p6", wrong)]
+             _part("p4", missing), _part("p5", broken), _part("p6", wrong),
+             _part("p7", rows, estimate_s=1e6)._replace(minimum=lambda ctx: 1.0)]
     runner = gpu_check.Runner(_ctx(tmp_path, 60.0), parts, _header(),
                               hard_deadline=time.monotonic() + 60, cleanup=lambda: None)
     assert runner.run() == 1  # a part raised and a part failed its check
     assert order == ["first", "second"]
     status = {p.key: json.loads((tmp_path / f"{p.key}.json").read_text()) for p in parts}
-    assert [status[k]["status"] for k in ("p1", "p2", "p3", "p4", "p5", "p6")] == [
-        "ok", "ok", "skipped", "skipped", "error", "failed"]
+    assert [status[k]["status"] for k in ("p1", "p2", "p3", "p4", "p5", "p6", "p7")] == [
+        "ok", "ok", "skipped", "skipped", "error", "failed", "ok"]  # p7: its first row fits
     assert re.fullmatch(r"estimated 1000000 s > \d+ s left", status["p3"]["reason"])
     assert status["p4"]["reason"] == "PyTorch does not import"
     assert "RuntimeError: boom" in status["p5"]["result"]["traceback"]
     assert status["p2"]["result"] == {"value": 1} and status["p1"]["estimate_s"] == 1.0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s["part"] for s in summary["skipped"]] == ["p3", "p4"]
+    assert [(s["part"], s.get("item")) for s in summary["skipped"]] == [
+        ("p3", None), ("p4", None), ("p7", "svd")]
     assert "| p3 | skipped | 1000000 |" in (tmp_path / "summary.md").read_text()
 
 
@@ -147,9 +152,9 @@ def test_peak_table_knows_the_gpus():
     (0, 16, "Jacobi (syevj) [default for n <= 32]"),
     (2, 256, "Jacobi (syevj)"),
     (1, 16, "divide and conquer (syevd), one call per matrix")])
-def test_eigh_reading_follows_jaxlibs_rule(algorithm, n, reading):
-    assert gpu_check._eigh_reading("cusolver_syevd_ffi", algorithm, n).endswith(reading)
-    assert gpu_check._eigh_reading("lapack_ssyevd_ffi", None, n) == (
+def testeigh_reading_follows_jaxlibs_rule(algorithm, n, reading):
+    assert smoke.eigh_reading("cusolver_syevd_ffi", algorithm, n).endswith(reading)
+    assert smoke.eigh_reading("lapack_ssyevd_ffi", None, n) == (
         "LAPACK ssyevd on the host CPU")
 
 
