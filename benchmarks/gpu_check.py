@@ -7,7 +7,7 @@ scikit-learn and PyTorch, and no TensorFlow, TFDS, clu or ml_collections)::
     python -m benchmarks.gpu_check --budget_s 540 --out benchmarks/results/gpu_check
 
 Before that, on a machine with a package registry, put the carried wheels in ``wheels/``
-(``python -m benchmarks.carry_wheels``: ml_collections, pure Python, about 0.1 MB). The
+(``python -m benchmarks.carry_wheels``: ml_collections 1.1.0, pure Python, 75 KiB). The
 check puts every pure-Python wheel of ``--wheels`` (default ``wheels/``) on its own
 ``sys.path`` and its workers' ``PYTHONPATH`` (Python imports a pure-Python wheel straight
 from the zip file), so nothing is installed and no registry is needed. Without the
@@ -39,10 +39,11 @@ Budget: ``--budget_s`` counts from the start of the process (imports and device 
 included). Before each part (and before each method row inside a part) its cost is
 estimated from its compile count and sizes; what would not fit in the time left is
 skipped and recorded as ``skipped: estimated X s > Y s left``, and later, cheaper parts
-still run. The estimates start from the priors of :class:`Costs` (GPU: reasoned from the
-step's size, see there; CPU dry run: measured on the 2-core development machine) and are
-replaced by this run's own measurements as soon as it has them (the first ResNet
-compile, the eigh call times, the step time, the first ``torch.compile``). A watchdog
+still run (part d starts when its first row fits). The estimates start from the priors
+of :class:`Costs` (GPU: reasoned from the step's size, see there; CPU dry run: measured
+on the 2-core development machine) and are replaced by this run's own measurements as
+soon as it has them (the first ResNet compile, the eigh call times, the step time, the
+first PyTorch row). A watchdog
 ends the process cleanly at the budget even if an estimate was wrong: the running part is
 recorded as ``interrupted``, the summary is written and this process's workers are killed.
 

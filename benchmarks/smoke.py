@@ -188,8 +188,11 @@ def eigh_algorithm(shape: tuple[int, int, int], calls: int) -> dict[str, Any]:
     out: dict[str, Any] = {"shape": list(shape), "targets": targets, "algorithm_attr": algo,
                            "custom_calls": calls_text, "reading": eigh_reading(
                                target, algo, shape[-1]), "timings_ms": {}, "errors": {}}
-    impl = jax.lax.linalg.EighImplementation
-    for name, implementation in (("default", None), ("qr", impl.QR), ("jacobi", impl.JACOBI)):
+    impl = getattr(jax.lax.linalg, "EighImplementation", None)  # absent: default only
+    choices = [("default", None)]
+    if impl is not None:
+        choices += [("qr", impl.QR), ("jacobi", impl.JACOBI)]
+    for name, implementation in choices:
         fn = jax.jit(functools.partial(jax.lax.linalg.eigh, implementation=implementation))
         try:
             jax.block_until_ready(fn(x))
