@@ -252,6 +252,18 @@ def test_dry_run_in_a_gpu_image_like_environment(tmp_path):
     assert text == render.render_check(*render.read_check(out))
     assert "#### Environment and correctness smoke" in text and "#### Table 6" in text
     print(text)  # the dry run's report, shown with -s
+    # Without the carried wheel nothing fails on an import: the parts that need the
+    # training library say why they were skipped.
+    bare = tmp_path / "bare"
+    done = subprocess.run([str(python), "-m", "benchmarks.gpu_check", "--tiny", "--budget_s",
+                           "120", "--parts", "a,b", "--wheels", str(tmp_path / "none"),
+                           "--out", str(bare)], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-5000:]
+    table6 = json.loads((bare / "b_table6_core.json").read_text())
+    assert table6["status"] == "skipped" and "ml_collections" in table6["reason"]
+    smoke = json.loads((bare / "a_smoke.json").read_text())
+    assert smoke["status"] == "ok" and "ml_collections" in smoke["result"]["digits"]["skipped"]
 
 
 def test_carry_wheels_refuses_a_wheel_that_is_not_pure_python(tmp_path, monkeypatch):
