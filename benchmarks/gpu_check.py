@@ -389,7 +389,7 @@ def estimate_smoke(ctx: Context) -> tuple[float, str]:
     eigh = sum(4 * c.small_compile + 3 * (1 + s.eigh_calls) * c.eigh_call_s(shape)
                for shape in s.eigh_shapes)
     digits = c.digits_compile + s.digits_steps * 0.02
-    return fd + eigh + digits, (f"finite differences 6 x {c.small_compile:g} s + eigh "
+    return fd + eigh + digits, (f"finite differences 6 x {c.small_compile:.1f} s + eigh "
                                 f"{eigh:.0f} s + digits {c.digits_compile:.0f} s compile + "
                                 f"{s.digits_steps} steps")
 
@@ -559,7 +559,7 @@ def estimate_meta_layer(ctx: Context) -> tuple[float, str]:
     c, s = ctx.costs, ctx.sizes
     compiles = len(s.meta_shapes) * 10 * c.small_compile
     calls = sum((s.meta_repeats + 1) * 8 * c.eigh_call_s(shape) for shape in s.meta_shapes)
-    return compiles + calls + 5, (f"{len(s.meta_shapes) * 10} x {c.small_compile:g} s "
+    return compiles + calls + 5, (f"{len(s.meta_shapes) * 10} x {c.small_compile:.1f} s "
                                   f"compiles + {calls:.0f} s eigh calls + 5 s torch import")
 
 
