@@ -77,7 +77,8 @@ def test_evaluation_uses_running_statistics():
     x = _correlated(3, (8, 4, 4, 5))
     layer = DecorrelatedBatchNorm(momentum=0.9, epsilon=1e-3)
     variables = layer.init(KEY, x, use_running_average=False)
-    assert set(variables["batch_stats"]) == {"mean", "whitening"}
+    assert set(variables["batch_stats"]) == {"mean", "whitening", "nonfinite_batches"}
+    assert variables["batch_stats"]["nonfinite_batches"] == 0
     np.testing.assert_array_equal(variables["batch_stats"]["whitening"][0], np.eye(5))
     y_train, updates = layer.apply(variables, x, use_running_average=False,
                                    mutable=["batch_stats"])

@@ -25,14 +25,20 @@ from svdcond_jax.nn import _checks
 from svdcond_jax.nn._covariance import covariance
 
 __all__ = [
+    "NONFINITE_BATCHES",
     "DecorrelatedBatchNorm",
     "channel_affine",
     "ema_update",
+    "finite_or_previous",
     "group_moments",
     "initial_zca_statistics",
     "zca_statistics",
     "zca_whiten",
 ]
+
+NONFINITE_BATCHES = "nonfinite_batches"
+"""Name of the running-statistics counter of batches whose statistics were not finite
+(``batch_stats`` entry in Linen, ``nnx.BatchStat`` attribute in NNX)."""
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -171,6 +177,38 @@ def ema_update(running: Any, batch: Any, momentum: float) -> Any:
         running, batch)
 
 
+def finite_or_previous(new: Any, previous: Any, count: Array) -> tuple[Any, Array]:
+    """Running statistics that a non-finite batch cannot poison.
+
+    ``new`` (the updated running statistics) when every one of its entries is finite, else
+    ``previous`` unchanged, with ``count + 1``: one NaN/Inf training batch would otherwise
+    make an exponential moving average non-finite for good (``optax.apply_if_finite``
+    protects parameters, not statistics). Decided inside the traced computation (one
+    ``jnp.where`` per leaf on a single flag, no host round trip); under pmap/shard_map with
+    ``axis_name`` the statistics, hence the decision, are the same on every device.
+
+    Args:
+      new: the updated running statistics (a pytree of arrays).
+      previous: the running statistics before the update (same structure).
+      count: int32 scalar, batches rejected so far.
+
+    Returns:
+      ``(statistics, count)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> stats, count = finite_or_previous(jnp.array([jnp.nan, 1.0]), jnp.zeros(2),
+      ...                                   jnp.int32(0))
+      >>> stats.tolist(), int(count)
+      ([0.0, 0.0], 1)
+    """
+    leaves = jax.tree.leaves(new)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.array(True)
+    kept = jax.tree.map(lambda n, p: jnp.where(finite, n, p), new, previous)
+    return kept, count + (~finite).astype(count.dtype)
+
+
 def initial_zca_statistics(channels: int, groups: int, dtype: Any) -> tuple[Array, Array]:
     """Running statistics before any update: mean 0 and identity whitening matrices.
 
@@ -229,16 +267,20 @@ def _check_decorrelated_batch_norm(where: str, *, momentum: Any, epsilon: Any, g
 
 def _check_decorrelated_batch_norm_input(where: str, x: Any, *, groups: int, training: bool,
                                         axis_name: str | None) -> Array:
-    """Input of decorrelated BN: real floating (..., C), C % groups == 0, and in training at
-    least 2 samples per channel (1 per device with ``axis_name``)."""
+    """Input of decorrelated BN: real floating (..., C), C % groups == 0, at least 1 sample
+    per channel (an empty batch raises in evaluation too), and in training at least 2 (1 per
+    device with ``axis_name``)."""
     x = _checks.check_input(where, x, min_ndim=2)
     if x.shape[-1] % groups:
         raise ValueError(f"{where}: groups={groups} must divide the number of channels; "
                          f"got x.shape={x.shape}")
     samples = math.prod(x.shape[:-1])
-    needed = 1 if axis_name is not None else 2
-    if training and samples < needed:
-        raise ValueError(f"{where}: batch statistics need at least {needed} samples per "
+    if training:
+        needed, what = (1 if axis_name is not None else 2), "batch statistics need"
+    else:
+        needed, what = 1, "evaluation (running statistics) needs"
+    if samples < needed:
+        raise ValueError(f"{where}: {what} at least {needed} sample{'s' * (needed > 1)} per "
                          f"channel; got x.shape={x.shape} ({samples} samples)")
     return x
 
@@ -254,13 +296,17 @@ class DecorrelatedBatchNorm(nn.Module):
     follows. The running mean and the running whitening matrix are exponential moving
     averages (:func:`ema_update`: new = momentum*old + (1-momentum)*batch) stored in
     ``batch_stats`` under ``"mean"`` (C,) and ``"whitening"`` (groups, C/groups, C/groups);
-    evaluation computes y = W_running (x - mean_running).
+    evaluation computes y = W_running (x - mean_running). A training batch whose
+    statistics are not finite (a NaN/Inf input, a failed decomposition) leaves both running
+    statistics as they were and increments the int32 counter ``batch_stats`` entry
+    ``"nonfinite_batches"`` (:func:`finite_or_previous`), so one bad batch cannot poison
+    evaluation, also in a loop that takes ``batch_stats`` from ``mutable=`` unconditionally.
 
     dtypes: statistics and whitening are computed in float32 (float64 for float64 input),
     also for bfloat16/float16 input; the result is in ``dtype`` (None: the input's dtype).
     Integer, bool and complex inputs raise TypeError. Values: a NaN/inf anywhere in a
-    training batch makes the whole output NaN (the statistics are shared); in evaluation it
-    stays in its own sample.
+    training batch makes the whole output NaN (the statistics are shared) and is counted,
+    not averaged in (above); in evaluation it stays in its own sample.
 
     Attributes:
       use_running_average: evaluate with running statistics (may be given at call time).
@@ -281,7 +327,7 @@ class DecorrelatedBatchNorm(nn.Module):
     Raises:
       TypeError / ValueError: at construction for a bad attribute (naming it); at call
         time for a non-floating ``x``, fewer than 2 dims, channels not divisible by
-        ``groups``, or a training batch of fewer than 2 samples.
+        ``groups``, an empty batch, or a training batch of fewer than 2 samples.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -337,6 +383,8 @@ class DecorrelatedBatchNorm(nn.Module):
         initial = initial_zca_statistics(x.shape[-1], self.groups, cdtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: initial[0])
         ra_whitening = self.variable("batch_stats", "whitening", lambda: initial[1])
+        ra_count = self.variable("batch_stats", NONFINITE_BATCHES,
+                                 lambda: jnp.zeros((), jnp.int32))
         xc = x.astype(cdtype)
         if use_running_average:
             mean, whitening = ra_mean.value, ra_whitening.value
@@ -345,8 +393,10 @@ class DecorrelatedBatchNorm(nn.Module):
                 xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
                 method_kwargs=self.method_kwargs, axis_name=self.axis_name)
             if not self.is_initializing():
-                ra_mean.value, ra_whitening.value = ema_update(
-                    (ra_mean.value, ra_whitening.value), (mean, whitening), self.momentum)
+                previous = (ra_mean.value, ra_whitening.value)
+                (ra_mean.value, ra_whitening.value), ra_count.value = finite_or_previous(
+                    ema_update(previous, (mean, whitening), self.momentum), previous,
+                    ra_count.value)
         y = zca_whiten(xc, mean.astype(cdtype), whitening.astype(cdtype))
         channels = (x.shape[-1],)
         scale = (self.param("scale", self.scale_init, channels, self.param_dtype)

@@ -35,7 +35,11 @@ class DecorrelatedBatchNorm(nnx.Module):
     evaluation the running statistics are used; a per-channel affine follows. Statistics are
     computed in float32 (float64 for float64 input) also for bfloat16/float16 input; the
     result is in ``dtype`` (None: the input's dtype). Integer, bool and complex inputs raise
-    TypeError; a NaN/inf in a training batch makes the whole output NaN.
+    TypeError; a NaN/inf in a training batch makes the whole output NaN. A training batch
+    whose statistics are not finite leaves the running mean and whitening matrix as they
+    were and increments ``nonfinite_batches`` (``svdcond_jax.nn.whitening
+    .finite_or_previous``): ``optax.apply_if_finite`` or ``nnx.Optimizer`` protect the
+    parameters, this protects the statistics.
 
     Like ``nnx.BatchNorm``: ``use_running_average`` is set by the constructor (default
     False), switched by ``model.train()`` / ``model.eval()`` and overridable per call.
@@ -44,6 +48,8 @@ class DecorrelatedBatchNorm(nnx.Module):
       mean: ``nnx.BatchStat`` (num_features,), the running mean.
       whitening: ``nnx.BatchStat`` (groups, d, d), d = num_features / groups, the running
         whitening matrix (identity at construction).
+      nonfinite_batches: ``nnx.BatchStat`` int32 scalar, training batches whose statistics
+        were not finite (kept out of the running statistics).
       scale, bias: ``nnx.Param`` (num_features,) or None.
 
     Args:
@@ -66,8 +72,8 @@ class DecorrelatedBatchNorm(nnx.Module):
 
     Raises:
       TypeError / ValueError: at construction for a bad argument (naming it); at call time
-        for a non-floating ``x``, the wrong channel count, or a training batch of fewer
-        than 2 samples.
+        for a non-floating ``x``, the wrong channel count, an empty batch, or a training
+        batch of fewer than 2 samples.
 
     Example:
       >>> import jax
@@ -109,6 +115,7 @@ class DecorrelatedBatchNorm(nnx.Module):
                                                      _checks.compute_dtype(param_dtype))
         self.mean = nnx.BatchStat(mean)
         self.whitening = nnx.BatchStat(whitening)
+        self.nonfinite_batches = nnx.BatchStat(jnp.zeros((), jnp.int32))
         shape = (num_features,)
         self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale \
             else None
@@ -148,8 +155,11 @@ class DecorrelatedBatchNorm(nnx.Module):
             mean, whitening = _wh.zca_statistics(
                 xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
                 method_kwargs=self.method_kwargs, axis_name=self.axis_name)
-            self.mean[...], self.whitening[...] = _wh.ema_update(
-                (self.mean[...], self.whitening[...]), (mean, whitening), self.momentum)
+            previous = (self.mean[...], self.whitening[...])
+            (self.mean[...], self.whitening[...]), self.nonfinite_batches[...] = (
+                _wh.finite_or_previous(_wh.ema_update(previous, (mean, whitening),
+                                                      self.momentum),
+                                       previous, self.nonfinite_batches[...]))
         y = _wh.zca_whiten(xc, mean.astype(cdtype), whitening.astype(cdtype))
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
