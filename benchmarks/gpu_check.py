@@ -64,8 +64,8 @@ compilation cache in a fresh temporary directory (so every compile time reported
 cold, and a step compiled once, e.g. by part b, is loaded rather than compiled again by
 part d's workers and part f), ``OPENBLAS_NUM_THREADS=1`` (unless set; the CPU eigh,
 docs/performance.md). TensorFlow, TFDS and clu are never imported: the check uses the
-training library's ``state``/``steps``/``config`` modules and reads the digits with
-scikit-learn.
+training library's ``config``, ``state``, ``steps`` and in-memory ``input_pipeline``
+modules, never its loop.
 """
 
 from __future__ import annotations

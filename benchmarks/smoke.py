@@ -2,8 +2,9 @@
 
 Each function runs on jax's default device and returns a JSON-able dict; a ``passed``
 entry is the check's verdict. ``benchmarks/gpu_check.py`` (part ``a_smoke``) runs them.
-Nothing here imports TensorFlow, TFDS or clu: the digits come from scikit-learn in memory,
-the steps from the training library's ``state`` and ``steps`` modules.
+Nothing here imports TensorFlow, TFDS or clu: the digits come from the training library's
+in-memory pipeline (scikit-learn's bundled images), the steps from its ``state`` and
+``steps`` modules.
 """
 
 from __future__ import annotations
@@ -204,68 +205,53 @@ def eigh_algorithm(shape: tuple[int, int, int], calls: int) -> dict[str, Any]:
     return out
 
 
-def digits_arrays() -> tuple[Any, Any]:
-    """The digits demo's training split, in memory, normalised, grey repeated to 3 channels.
-
-    As ``svdcond_jax.training.input_pipeline`` prepares it (scikit-learn's 8x8 digits,
-    pixels 0..16 -> 0..255, fixed permutation, the first 300 held out, the training
-    split's mean and std) but without TensorFlow and without the random crop.
-    """
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int32)
-    order = np.random.default_rng(0).permutation(len(labels))
-    images, labels = images[order][300:], labels[order][300:]
-    x = images.astype(np.float64) / 255.0
-    x = ((x - x.mean()) / x.std()).astype(np.float32)
-    return np.repeat(x, 3, axis=-1), labels
-
-
 def digits_steps(n: int, batch: int) -> dict[str, Any]:
     """``svd+nog+olr`` train steps of the digits demo's TinyResNet on the real digits.
 
-    The demo's config (``experiments/configs/digits_demo.py``: TinyResNet with 16 filters,
-    decorrelated BN stem with eps 1e-2, SGD lr 0.1, momentum 0.9, weight decay 5e-4),
-    the training library's jitted ``train_step`` (non-finite steps are skipped and
-    counted), consecutive batches of the training split. Passes when no step was
-    non-finite.
+    The demo's config (``experiments/configs/digits_demo.py``: TinyResNet with 16 filters
+    on one grey 8x8 channel, decorrelated BN stem with eps 1e-2, SGD lr 0.1, momentum 0.9,
+    weight decay 5e-4; its first fold), the training library's in-memory input pipeline
+    (augmented batches of ``batch``, epoch after epoch) and its jitted ``train_step``
+    (non-finite steps are skipped and counted). Passes when no step was non-finite.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from experiments.configs import digits_demo
+    from svdcond_jax.training import input_pipeline, steps
     from svdcond_jax.training import state as state_lib
-    from svdcond_jax.training import steps
 
     config = digits_demo.get_config()
     config.method = "svd+nog+olr"
-    images, labels = digits_arrays()
     start = time.perf_counter()
-    setup = state_lib.create_setup(config, num_classes=10,
-                                   steps_per_epoch=len(labels) // config.batch_size)
+    data = input_pipeline.load_data(config)
+    setup = state_lib.create_setup(config, num_classes=data.num_classes,
+                                   steps_per_epoch=data.train.train_steps(batch))
     st = state_lib.create_train_state(jax.random.key(0, impl=config.prng_impl), setup,
-                                      images.shape[1:])
+                                      (data.image_size, data.image_size, 3))
     step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=setup.learning_rate_fn,
                                      ol_coeff=setup.ol_coeff, ol_pattern=setup.pre_svd_pattern),
                    donate_argnums=0)
     losses, finite = [], []
     first_s = None
-    for i in range(n):
-        idx = (i * batch + np.arange(batch)) % len(labels)
-        st, metrics = step(st, {"image": jnp.asarray(images[idx]),
-                                "label": jnp.asarray(labels[idx])})
-        losses.append(float(metrics["loss"]))
-        finite.append(bool(metrics["finite"]))
-        if first_s is None:
-            first_s = time.perf_counter() - start
+    epoch = 0
+    while len(losses) < n:
+        for b in input_pipeline.train_batches(data, batch_size=batch, seed=0, epoch=epoch):
+            st, metrics = step(st, {"image": jnp.asarray(b["image"]),
+                                    "label": jnp.asarray(b["label"])})
+            losses.append(float(metrics["loss"]))
+            finite.append(bool(metrics["finite"]))
+            if first_s is None:
+                first_s = time.perf_counter() - start
+            if len(losses) == n:
+                break
+        epoch += 1
     total = time.perf_counter() - start
     non_finite = finite.count(False)
     return {"method": "svd+nog+olr", "model": config.model, "num_filters": config.num_filters,
-            "steps": n, "batch": batch, "losses": losses, "non_finite_steps": non_finite,
+            "steps": n, "batch": batch, "train_examples": data.train.num_examples,
+            "losses": losses, "non_finite_steps": non_finite,
             "svd_failures": int(st.svd_failures), "first_step_s": first_s,
             "steps_after_first_s": total - first_s,
             "passed": non_finite == 0 and bool(np.isfinite(losses).all())}
