@@ -1,5 +1,8 @@
 """The light core: `import svdcond_jax` and a jitted NOG step need no experiment extra."""
 
+import hashlib
+import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -196,3 +199,48 @@ def test_wheel_ships_the_experiments_and_their_configs_under_svdcond_jax(tmp_pat
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert all(f"{script} = svdcond_jax.experiments." in text for script in SCRIPTS)
+
+
+def _train_extra_venv() -> pathlib.Path:
+    """A virtualenv holding what ``pip install 'svdcond-jax[train]'`` installs besides the
+    project itself (cached per dependency list and Python under ~/.cache/svdcond_jax;
+    about 2 minutes from pip's cache the first time)."""
+    project = _pyproject()["project"]
+    deps = [*project["dependencies"], *project["optional-dependencies"]["train"]]
+    key = hashlib.sha256(json.dumps([sys.version, deps]).encode()).hexdigest()[:12]
+    root = pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    venv = root / "svdcond_jax" / f"train-extra-venv-{key}"
+    if not (venv / "built").exists():
+        tmp = venv.with_name(venv.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, timeout=300)
+        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *deps],
+                       check=True, timeout=1200, capture_output=True)
+        (tmp / "built").write_text("\n".join(deps))
+        shutil.rmtree(venv, ignore_errors=True)
+        os.replace(tmp, venv)
+    return venv
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_with_the_train_extra_alone(tmp_path) -> None:
+    """`pip install '.[train]'` (no TensorFlow, TFDS or clu) and `svdcond-demo --quick` from
+    another directory: the installed package, its shipped config, the TF-free stack."""
+    venv = _train_extra_venv()
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                              "--force-reinstall", str(ROOT)], capture_output=True, text=True,
+                             timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, timeout=120).stdout.lower()
+    for absent in ("tensorflow", "tensorflow-datasets", "clu"):
+        assert f"\n{absent}==" not in f"\n{listed}", absent
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    demo = subprocess.run([str(venv / "bin" / "svdcond-demo"), "--quick", "--seeds=0",
+                           f"--workdir={tmp_path / 'demo'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-5000:]
+    assert "| bn |" in demo.stdout and "| svd+nog+olr |" in demo.stdout
+    table = json.loads((tmp_path / "demo_quick" / "table.json").read_text())
+    assert table["provenance"]["svdcond_jax"] and len(table["rows"]) == 2
