@@ -284,13 +284,25 @@ def _polar_newton_schulz(m: jax.Array, num_iters: int | None, rtol: float) -> ja
 
 def _matmul(matmul_dtype: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Batched product: full precision in the operands' dtype, or ``matmul_dtype`` operands
-    (e.g. bfloat16) accumulated in the operands' dtype (``preferred_element_type``)."""
+    (e.g. bfloat16) accumulated in the operands' dtype (``preferred_element_type``).
+
+    On CPU, whose XLA runtime lacks some bfloat16 x bfloat16 -> float32 products (jax
+    0.10.2: "Unsupported element type for DotThunk"), the operands are rounded to
+    ``matmul_dtype`` and multiplied in the operands' dtype instead: the same products (two
+    8-bit mantissas multiply exactly in float32), summed in another order.
+    """
     if matmul_dtype is None:
         return mm
 
-    def product(a: jax.Array, b: jax.Array) -> jax.Array:
+    def native(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.matmul(a.astype(matmul_dtype), b.astype(matmul_dtype),
                           preferred_element_type=a.dtype)
+
+    def rounded(a: jax.Array, b: jax.Array) -> jax.Array:
+        return mm(a.astype(matmul_dtype).astype(a.dtype), b.astype(matmul_dtype).astype(b.dtype))
+
+    def product(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jax.lax.platform_dependent(a, b, cpu=rounded, default=native)
 
     return product
 
