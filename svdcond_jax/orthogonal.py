@@ -309,18 +309,21 @@ def _matmul(matmul_dtype: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 def _polar_quintic(m: jax.Array, coeffs: tuple[tuple[float, float, float], ...],
                    scale: str, alpha: float, matmul_dtype: Any) -> jax.Array:
-    """Odd quintic steps ``X <- a X + X (b A + c A^2)``, ``A = X^T X``, 3 products each.
+    """Odd quintic steps ``X <- a X + X (b A + c A^2)``, ``A = X^T X``, 3 products each
+    (for a wide ``m``, ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``: the same map).
 
     ``scale="schatten8"``: ``X0 = alpha m / s`` with ``s = ||m||_S8 = ||A^2||_F^(1/4)``
     (of the Frobenius-normalised ``m``), read off the first step's own ``A^2``: no extra
     product. ``scale="frobenius"``: ``X0 = m / ||m||_F`` (optax.contrib.muon's).
     """
-    tall = m.shape[-2] >= m.shape[-1]
-    x = m if tall else mT(m)  # the Gram X^T X is the small one
     product = _matmul(matmul_dtype)
-    fro = frobenius(x)[..., None, None]  # overflow-safe; singular values now <= 1
-    x = x / jnp.where(fro > 0, fro, 1)
-    a = product(mT(x), x)
+    if m.shape[-2] >= m.shape[-1]:  # tall: the Gram X^T X is the small one, X <- X B
+        gram, times = (lambda x: product(mT(x), x)), (lambda x, b: product(x, b))
+    else:  # wide: X X^T, X <- B X (no transposed copies of X)
+        gram, times = (lambda x: product(x, mT(x))), (lambda x, b: product(b, x))
+    fro = frobenius(m)[..., None, None]  # overflow-safe; singular values now <= 1
+    x = m / jnp.where(fro > 0, fro, 1)
+    a = gram(x)
     a2 = product(a, a)
     if scale == "schatten8":
         s4 = jnp.sqrt(jnp.sum(jnp.square(a2), axis=(-2, -1), keepdims=True))  # s^4 <= 1
@@ -328,10 +331,10 @@ def _polar_quintic(m: jax.Array, coeffs: tuple[tuple[float, float, float], ...],
         x, a, a2 = c * x, c**2 * a, c**4 * a2
     for i, (ca, cb, cc) in enumerate(coeffs):
         if i:
-            a = product(mT(x), x)
+            a = gram(x)
             a2 = product(a, a)
-        x = ca * x + product(x, cb * a + cc * a2)
-    return x if tall else mT(x)
+        x = ca * x + times(x, cb * a + cc * a2)
+    return x
 
 
 def polar_factor(
