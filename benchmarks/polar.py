@@ -2,6 +2,7 @@
 
     python -m benchmarks.polar                       # writes benchmarks/results/cpu-polar.{json,md}
     python -m benchmarks.polar --quick --out /tmp/polar   # two tiny shapes (the test suite's)
+    python -m benchmarks.polar --update ResNet18 --out benchmarks/results/cpu-polar-resnet18
 
 Per shape and method, on one float32 matrix with i.i.d. N(0, 1) entries (the shapes of
 ResNet-18/50 conv kernels reshaped as NOG does, ``(kh*kw*in, out)``, and dense layers):
@@ -23,6 +24,11 @@ Methods: ``svd`` and ``newton_schulz`` (exact and converged, ``polar_factor``),
 (``optax.contrib._muon.orthogonalize_via_newton_schulz`` with its default coefficients and
 5 steps). A second table gives the accuracy with bfloat16 products (float32
 accumulation); a CPU emulates bfloat16, so its times would mean nothing and are not taken.
+
+``--update MODEL`` times instead one whole optimizer update of a network of
+``svdcond_jax.models`` (random parameters and gradients, every conv/dense kernel but the
+head): ``nog_optimizer`` with each polar method, and ``optax.contrib.muon`` on the same
+kernels (reshaped as ``(kh*kw*in, out)``), interleaved as above.
 
 Threads: ``main`` applies ``svdcond_jax.training.runtime.configure()`` (one OpenBLAS thread
 next to XLA's pool, docs/performance.md). The development machine is shared: read the
@@ -128,12 +134,12 @@ def time_methods(fns: dict[str, Callable], x: jax.Array, repeats: int) -> dict[s
     rotating from round to round."""
     names = list(fns)
     for f in fns.values():
-        f(x).block_until_ready()  # compile + warm-up
+        jax.block_until_ready(f(x))  # compile + warm-up
     times: dict[str, list[float]] = {n: [] for n in names}
     for k in range(repeats):
         for n in names[k % len(names):] + names[:k % len(names)]:
             start = time.perf_counter()
-            fns[n](x).block_until_ready()
+            jax.block_until_ready(fns[n](x))
             times[n].append(time.perf_counter() - start)
     return times
 
@@ -198,6 +204,65 @@ def run(shapes: Sequence[tuple[str, int, int]], repeats: int, seed: int = 0,
     return {"rows": rows, "bf16_rows": bf16_rows}
 
 
+def run_update(model_name: str, repeats: int, seed: int = 0,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One whole optimizer update per method on ``model_name``'s parameters."""
+    import optax
+
+    from svdcond_jax import models, nog_mask, nog_optimizer
+    from svdcond_jax.training.state import muon_dimension_numbers
+
+    model = getattr(models, model_name)(num_classes=1000)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                               train=False))["params"]
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.05, jnp.float32), shapes)
+    grads = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
+    txs = {f"nog_optimizer {m}": nog_optimizer(0.1, polar_method=m)
+           for m in ("svd", "newton_schulz", "polar_express")}
+    txs["optax.contrib.muon"] = optax.contrib.muon(
+        0.02, muon_weight_dimension_numbers=muon_dimension_numbers)
+    fns, compile_s = {}, {}
+    for name, tx in txs.items():
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        start = time.perf_counter()
+        jax.block_until_ready(update(grads, state, params))
+        compile_s[name] = time.perf_counter() - start
+        fns[name] = lambda g, update=update, state=state: update(g, state, params)[0]
+    times = time_methods(fns, grads, repeats)
+    base = "optax.contrib.muon"
+    rows = [{"method": n, "time_min_s": min(t), "time_median_s": statistics.median(t),
+             "ratio_min": min(t) / min(times[base]),
+             "ratio_median": statistics.median(t) / statistics.median(times[base]),
+             "first_call_s": compile_s[n]} for n, t in times.items()]
+    for r in rows:
+        log(f"{r['method']}: min {r['time_min_s']:.2f} s ({r['ratio_min']:.2f}x muon)")
+    kernels = int(sum(jax.tree_util.tree_leaves(nog_mask(params))))
+    return {"model": model_name, "kernels": kernels, "update_rows": rows}
+
+
+def update_markdown(report: dict[str, Any]) -> str:
+    m, v = report["machine"], report["versions"]
+    lines = [f"### One optimizer update of {report['model']}'s {report['kernels']} "
+             "conv/dense kernels (head excluded), float32, CPU", "",
+             f"Measured {m['date']} on {m['host_cpu']} ({m['cores']} cores, shared: load "
+             f"average {m['load_avg'][0]:.1f} at the start, {report['load_avg_end'][0]:.1f} "
+             "at the end); " + ", ".join(f"{k} {val}" for k, val in v.items())
+             + f"; git {report['git']}.", "",
+             f"Command: `{report['command']}` ({report['repeats']} interleaved rounds; jitted, "
+             "the first call (compilation) excluded).", "",
+             "| optimizer | min (s) | median (s) | min / muon | median / muon | first call (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["update_rows"]:
+        lines.append(f"| {r['method']} | {r['time_min_s']:.2f} | {r['time_median_s']:.2f} | "
+                     f"{r['ratio_min']:.2f} | {r['ratio_median']:.2f} | "
+                     f"{r['first_call_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:.3g}"
 
@@ -251,6 +316,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="output prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("--update", default=None, metavar="MODEL",
+                        help="time one whole optimizer update of this svdcond_jax.models "
+                             "network instead (e.g. ResNet18)")
     return parser.parse_args(argv)
 
 
@@ -263,12 +331,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     repeats = 2 if args.quick else args.repeats
     report = provenance(argv)
     report["repeats"] = repeats
-    report.update(run(QUICK_SHAPES if args.quick else SHAPES, repeats, args.seed))
+    if args.update:
+        report.update(run_update(args.update, repeats, args.seed))
+    else:
+        report.update(run(QUICK_SHAPES if args.quick else SHAPES, repeats, args.seed))
     report["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
+    text = update_markdown(report) if args.update else markdown(report)
     out.with_suffix(".md").write_text(text)
     print(text)
     return report

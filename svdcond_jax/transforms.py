@@ -518,17 +518,21 @@ def optimal_learning_rate(
     at this transform's step count). eta comes from the incoming gradient alone, before
     weight decay and momentum, and multiplies the whole momentum step (docs/nog_olr.md).
 
-    Composition. Do not chain it after ``optax.sgd``, ``optax.scale_by_learning_rate`` or
-    any other transform that negates or rescales the update: it would compute eta from the
-    wrong vector and step uphill. ``inner=`` was removed for that reason. Natural uses::
+    Composition. Do not chain it after ``optax.sgd``, ``optax.scale_by_learning_rate``,
+    ``optax.scale_by_adam`` or any other transform that negates or rescales the update: it
+    would compute eta from the wrong vector (and after a negation step uphill). ``inner=``
+    was removed for that reason, and
+    :func:`~svdcond_jax.optimizers.check_olr_placement` refuses such a chain (``optax.chain``
+    gives OLR no way to see what precedes it when it is built). Natural uses::
 
         optax.chain(nearest_orthogonal_gradient(),
                     optimal_learning_rate(lr, momentum=0.9, weight_decay=5e-4))
         optax.inject_hyperparams(optimal_learning_rate)(learning_rate=lr, momentum=0.9)
 
     placed on the Pre-SVD subtree with ``optax.partition`` next to
-    ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))`` for the rest
-    (see :mod:`svdcond_jax.optimizers`).
+    ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))`` or any other
+    optimizer for the rest (see :mod:`svdcond_jax.optimizers`; next to AdamW, ``lr`` is still
+    an SGD rate: :func:`~svdcond_jax.optimizers.pre_svd_optimizer`).
 
     Values (only known under ``jit``): a zero weight or gradient gives ``eta* = 0`` and the
     switch uses ``lr_t``; a NaN/Inf weight or gradient, or a scheduled / injected ``lr_t``

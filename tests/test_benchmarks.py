@@ -184,3 +184,14 @@ def test_polar_benchmark_quick_rows_meet_the_accuracy_target():
         assert rows[(shape, "svd")]["cos"] > 1 - 1e-6
     report.update(polar.provenance(["--quick"]), repeats=1, load_avg_end=(0.0, 0.0, 0.0))
     assert "| polar_express |" in polar.markdown(report)
+
+
+def test_polar_benchmark_times_a_whole_update():
+    from benchmarks import polar
+
+    report = polar.run_update("TinyResNet", repeats=1, log=lambda _: None)
+    assert report["kernels"] == 6  # TinyResNet's convs, fc excluded
+    assert [r["method"] for r in report["update_rows"]][-1] == "optax.contrib.muon"
+    report.update(polar.provenance(["--update", "TinyResNet"]), repeats=1,
+                  load_avg_end=(0.0, 0.0, 0.0))
+    assert "| nog_optimizer polar_express |" in polar.update_markdown(report)
