@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import flags as exp_flags
-from experiments import run
+from . import flags as exp_flags
+from . import run
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "imagenet_gcp.py"
 
@@ -22,8 +22,13 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "imagenet_gcp.py"
 def main(argv: Sequence[str] | None = None) -> str:
     """Runs `experiments.run` with the ImageNet GCP config as the default `--config`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run.main(argv, config_default=str(CONFIG))
+    return run.main(argv, config_default=str(CONFIG), doc=__doc__)
+
+
+def cli() -> None:
+    """The ``svdcond-gcp`` console script."""
+    exp_flags.run_app(main)
 
 
 if __name__ == "__main__":
-    exp_flags.run_app(main)
+    cli()

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import flags as exp_flags
-from experiments import run
+from . import flags as exp_flags
+from . import run
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DATASETS = ("cifar10", "cifar100")
@@ -44,8 +44,14 @@ def _dataset(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: Sequence[str] | None = None) -> str:
     """Maps `--dataset=cifar10|cifar100` to its config and runs `experiments.run`."""
     dataset, rest = _dataset(list(sys.argv[1:] if argv is None else argv))
-    return run.main(rest, config_default=str(CONFIGS / f"{dataset}_dbn.py"))
+    return run.main(rest, config_default=str(CONFIGS / f"{dataset}_dbn.py"),
+                    doc=__doc__)
+
+
+def cli() -> None:
+    """The ``svdcond-dbn`` console script."""
+    exp_flags.run_app(main)
 
 
 if __name__ == "__main__":
-    exp_flags.run_app(main)
+    cli()

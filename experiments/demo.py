@@ -27,9 +27,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import flags as exp_flags
-from experiments import run, tables
 from svdcond_jax.training import runtime
+
+from . import flags as exp_flags
+from . import run, tables
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "digits_demo.py"
 
@@ -43,11 +44,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     """
     runtime.configure()  # LAPACK threads, persistent compilation cache (docs/performance.md)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = run.define_flags(["prog", *argv], config_default=str(CONFIG))
-    exp_flags.parse(fv, argv)
-    exp_flags.initialize_distributed(fv)  # before any jax computation
+    fv = run.parse_flags(argv, config_default=str(CONFIG), doc=__doc__)  # joins processes
     sweep = run.sweep_from_flags(fv)
-    if sweep.quick and not fv["methods"].present:
+    if sweep.quick and run.requested_methods(fv) is None:  # neither --methods nor --config.method
         sweep = dataclasses.replace(sweep, methods=list(sweep.module.QUICK_METHODS))
     start = time.perf_counter()
     table = run.execute(sweep)
@@ -62,5 +61,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     return table
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``svdcond-demo`` console script."""
     exp_flags.run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,6 +4,10 @@ Usage::
 
     python -m experiments.launch --processes 2 [--devices_per_process 1] \\
         [--timeout_s SECONDS] -- experiments.run --config=...
+    svdcond-launch --processes 2 -- experiments.run --config=digits_demo ...
+
+(``experiments.X`` runs as ``svdcond_jax.experiments.X`` where only the installed package
+has it.)
 
 Each process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID`` (read by ``svdcond_jax.training.distributed.initialize``, which the module
@@ -189,23 +193,53 @@ def _launch(command: Sequence[str], processes: int, devices_per_process: int,
     return code
 
 
+def resolve_module(module: str) -> str:
+    """``module``, or ``svdcond_jax.<module>`` when only the installed name imports.
+
+    ``experiments.run`` imports from a checkout's root; elsewhere the installed package
+    has it as ``svdcond_jax.experiments.run``.
+    """
+    import importlib.util
+
+    for name in (module, f"svdcond_jax.{module}"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ImportError:  # the parent package is not importable here
+            continue
+    return module
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        print("usage: python -m experiments.launch --processes N [--devices_per_process M] "
-              "[--timeout_s S] -- MODULE [ARGS...]", file=sys.stderr)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="svdcond-launch", usage="%(prog)s --processes N [--devices_per_process M] "
+        "[--timeout_s S] -- MODULE [ARGS...]", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, required=True,
+                        help="number of local processes")
+    parser.add_argument("--devices_per_process", type=int, default=1,
+                        help="CPU devices per process (default 1)")
+    parser.add_argument("--timeout_s", type=float, default=None,
+                        help="stop all processes after this many seconds")
+    args = parser.parse_args(argv[:split])  # --help: prints and exits 0
+    if split == len(argv):
+        parser.print_usage(sys.stderr)
+        print("error: the module to run goes after --", file=sys.stderr)
         return 2
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m experiments.launch",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, required=True)
-    parser.add_argument("--devices_per_process", type=int, default=1)
-    parser.add_argument("--timeout_s", type=float, default=None)
-    args = parser.parse_args(argv[:split])
-    return launch(argv[split + 1:], processes=args.processes,
+    command = argv[split + 1:]
+    if command:
+        command[0] = resolve_module(command[0])
+    return launch(command, processes=args.processes,
                   devices_per_process=args.devices_per_process, timeout_s=args.timeout_s)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``svdcond-launch`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

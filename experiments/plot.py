@@ -1,19 +1,23 @@
-"""Conditioning curves per method (log-scale kappa vs step), like the paper's Figs. 1-5.
+"""Conditioning curves per method (log-scale kappa vs step, like the paper's Figs. 1-5)
+beside the validation error of every seed.
 
-Three panels, each per method with its own colour, line style and marker (methods whose
-curves coincide stay visible), one legend outside the axes:
+Left, per method with its own colour, line style and marker (methods whose curves coincide
+stay visible), median over seeds (the spread over seeds is in the table):
 
 1. kappa(P + eps*I), the condition number (Eq. 1) of the matrix the meta-layer actually
-   decomposes, read in float64 from the run's "conditioning" records: median over seeds,
-   band = min..max over seeds.
+   decomposes, read in float64 from the run's "conditioning" records.
 2. kappa on the non-zero spectrum: lambda_max over the smallest eigenvalue above the
    numerical-rank threshold (``kappa_nonzero`` of svdcond_jax.training.monitor). The raw
    covariance P is often singular (a 3x3 stem from C_in channels has rank at most 9*C_in;
    a GCP covariance from 49 samples has rank <= 49 < 256; docs/conditioning.md), and its
    float64 kappa is then not a number; this one is, and equals raw kappa(P) when P is
-   non-singular. Same median and band.
+   non-singular.
 3. The raw covariance's state: its numerical rank against its size (dotted); below the
    dotted line P is singular. No kappa is drawn there.
+
+Right: the validation error of each seed per method (dots), its mean (bar) and the paired
+difference to svd with its exact sign-flip 95% interval (experiments/tables.py). A caption
+under the figure says which kappa the paper plots and why the two kappas can disagree.
 
 Usage:
     python -m experiments.plot --workdir runs/demo [--out runs/demo/conditioning.png]
@@ -28,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +45,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import flags as exp_flags  # noqa: E402
-from experiments import tables  # noqa: E402
+from . import flags as exp_flags  # noqa: E402
+from . import tables  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +175,62 @@ def _style(i: int, color: str, n_points: int) -> dict[str, Any]:
         _MARKERS)], "markevery": max(n_points // 8, 1), "ms": 4.5, "mfc": "none", "lw": 1.4}
 
 
-def _band(ax: Any, c: Curve, lo: np.ndarray, hi: np.ndarray, color: str) -> None:
-    if c.num_seeds > 1 and not np.allclose(lo, hi, equal_nan=True):
-        ax.fill_between(c.steps, lo, hi, color=color, alpha=0.12, lw=0)
+def _error_panel(ax: Any, runs: Sequence[tables.Run], order: Sequence[str],
+                 colors: Sequence[str]) -> None:
+    """Validation error per method: one dot per seed, the mean as a bar, and the paired
+    difference to svd with its 95% interval (tables.versus) as text."""
+    rows = {r["method"]: r for r in tables.aggregate(runs)}
+    for i, method in enumerate(order):
+        row = rows.get(method)
+        if row is None or not row["seed_errors"]:
+            continue
+        errors = np.array(list(row["seed_errors"].values()))
+        jitter = np.linspace(-0.18, 0.18, errors.size) if errors.size > 1 else np.zeros(1)
+        ax.plot(errors, i + jitter, "o", ms=3.5, mfc="none", color=colors[i], alpha=0.8)
+        ax.plot([errors.mean()] * 2, [i - 0.3, i + 0.3], color=colors[i], lw=2.5)
+        diff, interval = row.get("vs_svd_diff"), row.get("vs_svd_interval")
+        if diff is not None and interval is not None:
+            text = (f"{diff:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+                    + (" *" if row.get("vs_svd_separable") else ""))
+        elif diff is not None:
+            text = f"{diff:+.2f} ({row.get('vs_svd_pairs')} pairs)"
+        else:
+            text = "reference" if method == "svd" else ""
+        ax.annotate(text, (1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=7.5)
+    ax.set_yticks(range(len(order)), order, fontsize=8)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_xlabel("validation error (%)")
+    ax.set_title("Validation error per seed (bar: mean)", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+CAPTION = (
+    "P: covariance of the Pre-SVD layer's output (float64). Left, top: κ(P + εI), the "
+    "matrix the meta-layer decomposes; the paper's Figs. 1-4 plot 'the covariance "
+    "conditioning' (Eq. 1) without saying whether ε is included; its values (1e12 for SVD"
+    " with ε = 1e-2) would need λmax ≈ 1e10 to be κ(P + εI) ≤ 1 + λmax/ε, so they are "
+    "most likely κ of the raw, singular P read in finite precision. Left, middle: κ on "
+    "the non-zero spectrum (λmax over the smallest eigenvalue above the rank threshold), "
+    "which does not change with the scale of the weights. The two can rank methods in "
+    "opposite orders: for a singular P, κ(P + εI) ≈ λmax/ε grows with the Pre-SVD weight "
+    "norm (NOG's fixed-size steps grow it), while the non-zero spectrum can get flatter "
+    "at the same time (docs/conditioning.md). Curves: median over seeds. Right: Δ = mean "
+    "paired difference to svd (points) [exact sign-flip 95% interval], * = "
+    "interval excludes 0."
+)
 
 
 def plot_conditioning(
     runs: Sequence[tables.Run], out_path: str | Path, *, title: str | None = None
 ) -> Path:
-    """Draws kappa(P + eps*I), kappa on the non-zero spectrum and the rank of P vs step.
+    """Draws the conditioning curves and the validation error of a sweep.
 
-    See the module docstring for the panels. Bands are min..max over seeds; the legend
-    (one for all panels, right of the axes) names each method, its seed count and whether
-    its raw covariance was singular (rank r/d).
+    Left: kappa(P + eps*I), kappa on the non-zero spectrum and the rank of P vs step
+    (median over seeds, one colour, line style and marker per method). Right: the
+    validation error of every seed per method, its mean, and the paired difference to
+    svd with its interval. Below: a caption saying which kappa the paper plots and why
+    the two kappas can disagree.
 
     Args:
       runs: runs from `tables.collect_runs` (several methods, several seeds).
@@ -198,31 +246,37 @@ def plot_conditioning(
     cs = curves(runs)
     if not cs:
         raise ValueError("no run has 'conditioning' records to plot")
-    fig, (ax, ax_nz, ax_rank) = plt.subplots(
-        3, 1, figsize=(10.0, 10.5), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.6]},
-        layout="constrained")
+    fig = plt.figure(figsize=(13.0, 11.5), layout="constrained")
+    grid = fig.add_gridspec(4, 2, width_ratios=[2.1, 1.0], height_ratios=[3, 3, 1.5, 1.1])
+    ax = fig.add_subplot(grid[0, 0])
+    ax_nz = fig.add_subplot(grid[1, 0], sharex=ax)
+    ax_rank = fig.add_subplot(grid[2, 0], sharex=ax)
+    ax_err = fig.add_subplot(grid[:3, 1])
+    ax_caption = fig.add_subplot(grid[3, :])
+    ax_caption.axis("off")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    order = list(dict.fromkeys(r.method for r in runs))
+    color_of = {m: colors[i % len(colors)] for i, m in enumerate(order)}
     handles = []
     for i, c in enumerate(cs):
-        color = colors[i % len(colors)]
-        style = _style(i, color, len(c.steps))
+        style = _style(i, color_of[c.method], len(c.steps))
         (h,) = ax.plot(c.steps, c.kappa_eps, label=_label(c), **style)
         handles.append(h)
-        _band(ax, c, c.kappa_eps_lo, c.kappa_eps_hi, color)
         ax_nz.plot(c.steps, c.kappa_nonzero, **style)
-        _band(ax_nz, c, c.kappa_nonzero_lo, c.kappa_nonzero_hi, color)
         # ranks are small integers that often coincide: a small offset keeps each visible
         offset = 0.08 * (i - (len(cs) - 1) / 2)
         ax_rank.plot(c.steps, c.rank + offset, drawstyle="steps-post",
                      **{**style, "marker": None})
     _finish_axes(ax, ax_nz, ax_rank, cs)
-    fig.suptitle(title or "Covariance conditioning of the Pre-SVD features (float64)",
-                 fontsize=11)
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8,
+    _error_panel(ax_err, runs, order, [color_of[m] for m in order])
+    fig.suptitle(title or "Covariance conditioning of the Pre-SVD features", fontsize=12)
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8,
                frameon=False)
+    ax_caption.text(0.0, 1.0, textwrap.fill(CAPTION, 175), fontsize=8, va="top",
+                    ha="left", transform=ax_caption.transAxes)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out_path
 
@@ -233,8 +287,6 @@ def _log_axis(ax: Any, cs: Sequence[Curve], attrs: Sequence[str]) -> None:
 
 
 def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve]) -> None:
-    seeds = max(c.num_seeds for c in cs)
-    band = "; line: median over seeds, band: min..max" if seeds > 1 else ""
     _log_axis(ax, cs, ["kappa_eps"])
     if not any(np.isfinite(c.kappa_eps).any() for c in cs):  # GCP: eps = 0, P singular
         ax.set_yticks([])
@@ -242,22 +294,19 @@ def _finish_axes(ax, ax_nz, ax_rank, cs: Sequence[Curve]) -> None:
                 "(κ on the non-zero spectrum and the rank are below)", ha="center",
                 va="center", transform=ax.transAxes, fontsize=10, color="gray")
     ax.set_ylabel("κ(P + εI)")
-    ax.set_title(f"κ(P + εI), the matrix the meta-layer decomposes (float64){band}",
-                 fontsize=9)
+    ax.set_title("κ(P + εI): what the layer decomposes", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     _log_axis(ax_nz, cs, ["kappa_nonzero"])
-    ax_nz.set_ylabel("κ on the non-zero spectrum")
-    ax_nz.set_title("λ_max / smallest eigenvalue above the numerical-rank threshold "
-                    "(= raw κ(P) when P is non-singular)", fontsize=9)
+    ax_nz.set_ylabel("κ, non-zero spectrum")
+    ax_nz.set_title("κ on the non-zero spectrum: scale-free shape of P", fontsize=10)
     ax_nz.grid(True, which="major", alpha=0.3)
     dims = {c.dim for c in cs if c.dim is not None}
     for d in dims:
         ax_rank.axhline(d, color="gray", ls=":", lw=1.0)
         ax_rank.annotate(f"dim = {d}", (1.0, d), xycoords=("axes fraction", "data"),
                          ha="right", va="bottom", fontsize=7, color="gray")
-    ax_rank.set_ylabel("numerical rank")
-    ax_rank.set_title("raw covariance P: numerical rank vs size (below the dotted line: "
-                      "P singular; small offsets separate equal ranks)", fontsize=9)
+    ax_rank.set_ylabel("rank of P")
+    ax_rank.set_title("numerical rank of P (below the dotted line: singular)", fontsize=10)
     ax_rank.set_xlabel("training step")
     ax_rank.grid(True, alpha=0.3)
     if dims:
@@ -274,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         flag_values=fv)
     flags.DEFINE_list("methods", None, "subset, in order", flag_values=fv)
     flags.DEFINE_string("title", None, "figure title", flag_values=fv)
-    exp_flags.parse(fv, argv)
+    exp_flags.parse(fv, argv, doc=__doc__)
     if not fv.workdir:
         raise SystemExit("error: --workdir is required")
     exp_flags.initialize_distributed(fv)
@@ -286,5 +335,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``svdcond-plot`` console script."""
     exp_flags.run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

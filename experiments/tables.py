@@ -1,14 +1,21 @@
 """Turn the runs' `metrics.jsonl` files into the paper's tables (Tables 1-5).
 
-A sweep lives in `<workdir>/<method>/seed<k>/metrics.jsonl` (the layout written by
-`experiments/run.py`). Each run's summary record (the last line, kind "summary") gives the
-final validation error, the SVD-failure count and the final/median condition numbers; the
-"conditioning" records give the numerical rank of the Pre-SVD covariance.
+A sweep lives in `<workdir>/<method>/seed<k>/metrics.jsonl`, or, with k-fold
+cross-validation (`config.cv_folds`), `<workdir>/<method>/seed<k>/fold<f>/metrics.jsonl`
+(the layouts written by `experiments/run.py`). Each run's summary record (the last line,
+kind "summary") gives the final validation error and the number of validation images, the
+SVD-failure count and the final/median condition numbers; the "conditioning" records give
+the numerical rank of the Pre-SVD covariance.
 
 Per method we report what the paper reports in Tables 1-4 (validation error over seeds,
 mean +- std and min; docs/applications.md) and Table 5 (the number of SVD failures),
 plus the conditioning of Figs. 1-5: kappa(P + eps*I) (the matrix the meta-layer really
-decomposes) and whether the raw covariance was singular (docs/conditioning.md).
+decomposes) and whether the raw covariance was singular (docs/conditioning.md). A seed's
+error is pooled over its folds (wrong / validated images, every image once). Methods are
+compared with the reference (``svd``) by the per-seed paired difference: its mean and the
+exact sign-flip 95% interval (experiments/stats.py); "separable" means the interval
+excludes 0. Each run's ``provenance.json`` (experiments/provenance.py) says where it was
+trained; the tables quote it.
 
 Example:
     >>> rows = aggregate(collect_runs("runs/cifar100"))        # doctest: +SKIP
@@ -31,7 +38,11 @@ from svdcond_jax.training import writers
 from svdcond_jax.training.monitor import KAPPA_CAP
 from svdcond_jax.training.writers import METRICS_FILE
 
+from . import provenance, stats
+
 _SEED_DIR = re.compile(r"^seed(\d+)$")
+_FOLD_DIR = re.compile(r"^fold(\d+)$")
+PROVENANCE_FILE = "provenance.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +57,8 @@ class Run:
       conditioning: the "conditioning" records in step order.
       evals: the "eval" records in step order.
       train: the "train" records in step order.
+      fold: the validated fold (k-fold layout `seed<k>/fold<f>`), else None.
+      provenance: the run's provenance.json ({} if absent).
     """
 
     method: str
@@ -55,13 +68,15 @@ class Run:
     conditioning: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     train: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fold: int | None = None  # the validated fold (k-fold layout), else None
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_run(path: str | Path, *, method: str | None = None, seed: int | None = None) -> Run:
     """Loads one run's metrics file into a `Run`.
 
     Method and seed default to the summary record's fields, then to the directory names
-    `<method>/seed<k>/metrics.jsonl`.
+    `<method>/seed<k>/metrics.jsonl` (or `<method>/seed<k>/fold<f>/metrics.jsonl`).
 
     Args:
       path: the run's metrics.jsonl (or its directory).
@@ -77,42 +92,47 @@ def load_run(path: str | Path, *, method: str | None = None, seed: int | None = 
     records = writers.read_metrics(str(path.parent))
     summaries = [r for r in records if r.get("kind") == "summary"]
     summary = summaries[-1] if summaries else {}
+    fold_match = _FOLD_DIR.match(path.parent.name)
+    seed_dir = path.parent.parent if fold_match else path.parent
     if method is None:
-        method = summary.get("method") or path.parent.parent.name
+        method = summary.get("method") or seed_dir.parent.name
     if seed is None:
-        match = _SEED_DIR.match(path.parent.name)
+        match = _SEED_DIR.match(seed_dir.name)
         seed = int(summary.get("seed", match.group(1) if match else 0))
+    fold = int(fold_match.group(1)) if fold_match else None
+    prov_path = path.parent / PROVENANCE_FILE
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     by_step = lambda kind: sorted(
         (r for r in records if r.get("kind") == kind), key=lambda r: r.get("step", 0)
     )
     return Run(method, int(seed), path, summary, by_step("conditioning"), by_step("eval"),
-               by_step("train"))
+               by_step("train"), fold, prov)
 
 
 def collect_runs(workdir: str | Path, methods: Sequence[str] | None = None) -> list[Run]:
-    """Finds every `<workdir>/<method>/seed<k>/metrics.jsonl` of a sweep.
+    """Finds every `<workdir>/<method>/seed<k>[/fold<f>]/metrics.jsonl` of a sweep.
 
     Args:
       workdir: the sweep's root directory.
       methods: keep only these methods, in this order (default: all found, sorted).
 
     Returns:
-      The runs, grouped by method in the requested order, then by seed.
+      The runs, grouped by method in the requested order, then by seed and fold.
 
     Raises:
       ValueError: if `workdir` holds no metrics file.
     """
     workdir = Path(workdir)
-    paths = sorted(workdir.glob(f"*/seed*/{METRICS_FILE}"))
+    paths = sorted([*workdir.glob(f"*/seed*/{METRICS_FILE}"),
+                    *workdir.glob(f"*/seed*/fold*/{METRICS_FILE}")])
     if not paths:
         raise ValueError(f"workdir={str(workdir)!r} holds no */seed*/{METRICS_FILE}")
-    runs = [load_run(p, method=p.parent.parent.name) for p in paths]
-    if methods is not None:
-        order = {m: i for i, m in enumerate(methods)}
-        runs = [r for r in runs if r.method in order]
-        runs.sort(key=lambda r: (order[r.method], r.seed))
-    else:
-        runs.sort(key=lambda r: (r.method, r.seed))
+    runs = [load_run(p, method=(p.parents[2] if _FOLD_DIR.match(p.parent.name)
+                                else p.parents[1]).name) for p in paths]
+    order = {m: i for i, m in enumerate(methods if methods is not None
+                                        else sorted({r.method for r in runs}))}
+    runs = [r for r in runs if r.method in order]
+    runs.sort(key=lambda r: (order[r.method], r.seed, -1 if r.fold is None else r.fold))
     return runs
 
 
@@ -185,6 +205,85 @@ def _olr_active_fraction(run: Run) -> float | None:
     return float(np.mean([0 < e < lr * (1 - 1e-6) for e, lr in pairs])) if pairs else None
 
 
+def _result(run: Run) -> float | None:
+    """The run's final validation error if it is a result (finished, whole history)."""
+    if not run.summary or run.summary.get("complete") is False:
+        return None
+    values = _finite([run.summary.get("val_error")])
+    return values[0] if values else None
+
+
+def seed_errors(runs: Sequence[Run]) -> dict[int, tuple[float, int | None]]:
+    """Validation error (%) and validated images per seed, over one method's runs.
+
+    Without folds a seed is one run. With k-fold runs (``fold`` set) a seed's error pools
+    its K folds: sum of wrong predictions over sum of validated images (each fold's error
+    weighted by its ``val_examples``), so every image counts once; a seed missing a fold
+    or one of whose folds has no result is left out.
+
+    Returns:
+        seed -> (error %, validated images or None when the runs do not record it).
+    """
+    by_seed: dict[int, list[Run]] = {}
+    for run in runs:
+        by_seed.setdefault(run.seed, []).append(run)
+    out = {}
+    for seed, group in sorted(by_seed.items()):
+        results = [(r, _result(r)) for r in group]
+        if any(e is None for _, e in results):
+            continue
+        if group[0].fold is None:
+            run, error = results[0]
+            out[seed] = (error, run.summary.get("val_examples"))
+            continue
+        folds = max(int(r.summary.get("cv_folds") or 0) for r in group)
+        if sorted(r.fold for r in group) != list(range(folds)):
+            continue
+        sizes = [r.summary.get("val_examples") for r in group]
+        weights = [n if n else 1 for n in sizes]
+        error = sum(w * e for w, (_, e) in zip(weights, results, strict=True)) / sum(weights)
+        out[seed] = (float(error), sum(sizes) if all(sizes) else None)
+    return out
+
+
+def run_errors(runs: Sequence[Run]) -> dict[str, float]:
+    """Validation error (%) per run with a result, keyed "<seed>" or "<seed>/<fold>": the
+    pairing units of :func:`versus` (a run of one method pairs with the run of the same
+    seed and fold of another: same initial parameters, same training images and batches,
+    same validation images)."""
+    out = {}
+    for run in runs:
+        error = _result(run)
+        if error is not None:
+            out[str(run.seed) if run.fold is None else f"{run.seed}/{run.fold}"] = error
+    return out
+
+
+def provenance_summary(runs: Sequence[Run]) -> dict[str, Any]:
+    """Where the runs were trained: each provenance field's value (a list where the runs
+    differ) and the first/last date; {} when no run recorded it."""
+    facts = [r.provenance for r in runs if r.provenance]
+    if not facts:
+        return {}
+    out: dict[str, Any] = {}
+    for key in sorted({k for f in facts for k in f} - {"date"}):
+        values = sorted({json.dumps(f.get(key)) for f in facts})
+        decoded = [json.loads(v) for v in values]
+        out[key] = decoded[0] if len(decoded) == 1 else decoded
+    dates = sorted(f["date"] for f in facts if f.get("date"))
+    out["date"] = dates[0] if dates and dates[0] == dates[-1] else (
+        f"{dates[0]} .. {dates[-1]}" if dates else None)
+    out["runs"] = len(facts)
+    return out
+
+
+def provenance_line(summary: Mapping[str, Any]) -> str:
+    """One line for a table: provenance.line with lists shown as 'a | b'."""
+    flat = {k: " | ".join(map(str, v)) if isinstance(v, list) else v
+            for k, v in summary.items()}
+    return provenance.line(flat) + f" ({summary.get('runs')} runs)"
+
+
 def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
     """Aggregates one method's runs into a table row.
 
@@ -193,7 +292,10 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
       runs: its runs (one per seed).
 
     Returns:
-      A JSON-able dict: val_error_mean / _std / _min / _max (percent, over finished runs),
+      A JSON-able dict: val_error_mean / _std / _min / _max (percent, over the seeds with
+      a result; a seed's error pools its folds, :func:`seed_errors`), seed_errors
+      ({seed: error}), run_errors (:func:`run_errors`), num_seeds, folds (0 without
+      k-fold), val_images (validated images per seed),
       best_val_error_min, failures_total, runs_with_failures, final_kappa_eps and
       median_kappa_eps (medians over seeds), final_kappa_raw, median_kappa_raw (median
       over the non-singular monitored steps, then over seeds), singular_fraction (share of
@@ -209,7 +311,9 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
     all_runs, runs = runs, [r for r in runs if all(r is not i for i in incomplete)]
     done = [r for r in runs if r.summary]
     s = lambda key: _finite(r.summary.get(key) for r in done)
-    errors = s("val_error")
+    per_seed = seed_errors(runs)
+    errors = [e for e, _ in per_seed.values()]
+    images = {n for _, n in per_seed.values()}
     failures = [int(r.summary.get("svd_failures") or 0) for r in done]
     singular = _finite(_singular_fraction(r) for r in runs)
     last = next((r.conditioning[-1] for r in runs if r.conditioning), {})
@@ -219,6 +323,11 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
         "num_runs": len(all_runs),
         "num_finished": len(done),
         "num_incomplete": len(incomplete),
+        "num_seeds": len(per_seed),
+        "folds": max((r.fold + 1 for r in all_runs if r.fold is not None), default=0),
+        "seed_errors": {str(k): e for k, (e, _) in per_seed.items()},
+        "run_errors": run_errors(runs),
+        "val_images": images.pop() if len(images) == 1 else None,
         "val_error_mean": _stat(errors, np.mean),
         "val_error_std": _std(errors),
         "val_error_min": _stat(errors, np.min),
@@ -243,31 +352,39 @@ def aggregate_method(method: str, runs: Sequence[Run]) -> dict[str, Any]:
     }
 
 
-def versus(row: Mapping[str, Any], ref: Mapping[str, Any] | None) -> dict[str, Any]:
-    """How a row's validation error compares with the reference row's (``svd``).
+def versus(row: Mapping[str, Any], ref: Mapping[str, Any] | None,
+           confidence: float = 0.95) -> dict[str, Any]:
+    """A row's paired difference to the reference row (``svd``).
 
-    The difference of the means counts as larger than the seeds' spread when the two
-    ranges [min, max] over seeds do not overlap (needs >= 2 finished seeds on each side).
+    The pairs are runs of the same seed (and, with k-fold, the same fold) in both rows
+    (:func:`run_errors`): d = error(row, run) - error(ref, run) in points. Returns their
+    mean and the exact sign-flip interval (:func:`stats.sign_flip_interval`; None below
+    6 pairs at 95%). Separable: the interval excludes 0. With k-fold runs the mean of d
+    over whole seeds is the difference of the seeds' pooled errors (up to the folds'
+    size difference of at most one image).
 
     Returns:
-      ``{"diff": mean - ref mean or None, "beyond_spread": True / False / None}``.
+      ``{"diff": mean d or None, "interval": [lo, hi] or None, "separable": True / False /
+      None (no interval), "pairs": number of paired runs}``.
     """
-    if ref is None or row is ref or row["val_error_mean"] is None \
-            or ref["val_error_mean"] is None:
-        return {"diff": None, "beyond_spread": None}
-    diff = row["val_error_mean"] - ref["val_error_mean"]
-    if min(row["num_finished"], ref["num_finished"]) < 2:
-        return {"diff": diff, "beyond_spread": None}
-    apart = (row["val_error_min"] > ref["val_error_max"]
-             or row["val_error_max"] < ref["val_error_min"])
-    return {"diff": diff, "beyond_spread": bool(apart)}
+    if ref is None or row is ref:
+        return {"diff": None, "interval": None, "separable": None, "pairs": 0}
+    mine, theirs = row["run_errors"], ref["run_errors"]
+    units = sorted(set(mine) & set(theirs))
+    if not units:
+        return {"diff": None, "interval": None, "separable": None, "pairs": 0}
+    d = [mine[k] - theirs[k] for k in units]
+    interval = stats.sign_flip_interval(d, confidence)
+    return {"diff": float(np.mean(d)), "interval": None if interval is None else list(interval),
+            "separable": None if interval is None else bool(interval[0] > 0 or interval[1] < 0),
+            "pairs": len(units)}
 
 
 def aggregate(runs: Sequence[Run], *, reference: str = "svd") -> list[dict[str, Any]]:
     """Aggregates runs into one row per method, keeping the runs' method order.
 
-    Each row also gets ``vs_<reference>_diff`` and ``vs_<reference>_beyond_spread``
-    (:func:`versus`) when the reference method is among the runs.
+    Each row also gets ``vs_<reference>_diff``, ``_interval``, ``_separable`` and
+    ``_pairs`` (:func:`versus`) when the reference method is among the runs.
     """
     grouped: dict[str, list[Run]] = {}
     for run in runs:
@@ -275,9 +392,8 @@ def aggregate(runs: Sequence[Run], *, reference: str = "svd") -> list[dict[str, 
     rows = [aggregate_method(m, rs) for m, rs in grouped.items()]
     ref = next((r for r in rows if r["method"] == reference), None)
     for row in rows:
-        v = versus(row, ref)
-        row[f"vs_{reference}_diff"] = v["diff"]
-        row[f"vs_{reference}_beyond_spread"] = v["beyond_spread"]
+        for key, value in versus(row, ref).items():
+            row[f"vs_{reference}_{key}"] = value
     return rows
 
 
@@ -286,8 +402,8 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def _fmt_error(r: Mapping[str, Any]) -> str:
-    """'mean ± std' over seeds; the plain value for a single finished run."""
-    if r["num_finished"] <= 1:
+    """'mean ± std' over seeds; the plain value for a single seed."""
+    if r["num_seeds"] <= 1:
         return _fmt(r["val_error_mean"])
     return f"{_fmt(r['val_error_mean'])} ± {_fmt(r['val_error_std'])}"
 
@@ -307,42 +423,67 @@ def _fmt_raw(row: Mapping[str, Any]) -> str:
     return _fmt_kappa(row.get("final_kappa_raw"))
 
 
+def design_line(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> str:
+    """What each row's numbers are over: seeds, validated images per seed, the comparison."""
+    seeds = sorted({r["num_seeds"] for r in rows})
+    images = sorted({r["val_images"] for r in rows if r.get("val_images")})
+    folds = sorted({r.get("folds") for r in rows if r.get("folds")})
+    text = (f"Validation error (%) over {' / '.join(map(str, seeds))} seeds per method; each "
+            f"seed validates {' / '.join(map(str, images)) or 'an unrecorded number of'} "
+            f"images" + (f" ({' / '.join(map(str, folds))}-fold: every image once per seed)"
+                         if folds else "") + ".")
+    pairs = sorted({r["vs_svd_pairs"] for r in rows if r.get("vs_svd_pairs")})
+    if pairs:
+        unit = "(seed, fold) runs" if folds else "seeds"
+        text += (f" vs svd: mean paired difference (points) over {' / '.join(map(str, pairs))}"
+                 f" {unit} (same initial parameters, batches and validation images) and its "
+                 f"exact sign-flip {100 * confidence:.0f}% interval; separable = the "
+                 "interval excludes 0 (needs >= 6 pairs).")
+    return text
+
+
 def markdown_table(
     rows: Sequence[Mapping[str, Any]],
     *,
     title: str | None = None,
     paper: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """Formats aggregated rows as the paper's Markdown table.
 
-    Columns: validation error mean +- std and min over seeds (Tables 1-4), SVD failures
-    (Table 5: total over runs, and how many runs had any), kappa(P + eps*I) final and
-    median (Figs. 1-5), the raw covariance's kappa, final ("singular (rank r/d)" where it
-    is singular) and median over the non-singular monitored steps, the growth of
-    the Pre-SVD weight norm over training (docs/conditioning.md: NOG inflates it), the training
-    time (mean per run, from the summary), the wall time per method when rows carry
-    "wall_s" (compilation included), and the paper's number when `paper` is given.
+    Columns: validation error mean +- std and min over seeds (Tables 1-4), seeds (and
+    runs, with folds), SVD failures (Table 5: total over runs, and how many runs had
+    any), kappa(P + eps*I) final and median (Figs. 1-5), the raw covariance's kappa, final
+    ("singular (rank r/d)" where it is singular) and median over the non-singular
+    monitored steps, the growth of the Pre-SVD weight norm over training
+    (docs/conditioning.md: NOG inflates it), the paired difference to ``svd`` with its
+    interval, the compile and training time (mean per run, from the summary), the wall
+    time per method when rows carry "wall_s" (compilation included), and the paper's
+    number when `paper` is given. Under the title: :func:`design_line` and ``notes``
+    (e.g. the provenance line).
 
     Args:
       rows: output of `aggregate`.
       title: optional heading line.
       paper: method -> the paper's reported value for that row.
+      notes: lines printed under the title (provenance).
 
     Returns:
       The table as a string.
     """
     wall = any(r.get("wall_s") is not None for r in rows)
-    several = any(r["num_finished"] > 1 for r in rows)
+    several = any(r["num_seeds"] > 1 for r in rows)
     versus_svd = any(r.get("vs_svd_diff") is not None for r in rows)
     error = "Val. error (%) mean ± std" if several else "Val. error (%)"
     cols = [
-        "Method", error, "Min", "Runs", "Failures", "κ(P+εI) final", "κ(P+εI) median",
+        "Method", error, "Min", "Seeds", "Failures", "κ(P+εI) final", "κ(P+εI) median",
         "κ(P) final", "κ(P) nonzero median"]
     cols += ["‖W‖ growth"]
-    cols += ["vs svd: diff (beyond seed spread?)"] * versus_svd
+    cols += ["vs svd: paired diff [95% interval] separable?"] * versus_svd
     cols += ["Compile (s)", "Train (s/run)"]
     cols += ["Wall (s)"] * wall + ["Paper"] * bool(paper)
     lines = [f"### {title}", ""] if title else []
+    lines += [design_line(rows), *notes, ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_cells(r, wall, paper, versus_svd)) + " |")
@@ -350,11 +491,13 @@ def markdown_table(
 
 
 def _fmt_versus(r: Mapping[str, Any]) -> str:
-    diff, beyond = r.get("vs_svd_diff"), r.get("vs_svd_beyond_spread")
+    diff, interval = r.get("vs_svd_diff"), r.get("vs_svd_interval")
     if diff is None:
         return "–"
-    verdict = {True: "yes", False: "no", None: "n/a, 1 seed"}[beyond]
-    return f"{diff:+.2f} ({verdict})"
+    if interval is None:
+        return f"{diff:+.2f} (no interval: {r.get('vs_svd_pairs')} pairs)"
+    verdict = "yes" if r.get("vs_svd_separable") else "no"
+    return f"{diff:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] {verdict}"
 
 
 def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None,
@@ -364,11 +507,14 @@ def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None,
     failures = f"{r['failures_total']}"
     if done > 1 and r["failures_total"]:
         failures += f" ({r['runs_with_failures']}/{done} runs)"
+    seeds = f"{r['num_seeds']}"
+    if n > r["num_seeds"]:  # folds, or runs without a result
+        seeds += f" ({done}/{n} runs)" if done < n else f" ({n} runs)"
     cells = [
         r["method"],
         _fmt_error(r),
         _fmt(r["val_error_min"]),
-        f"{done}" if done == n else f"{done}/{n}",
+        seeds,
         failures,
         _fmt_kappa(r["final_kappa_eps"]),
         _fmt_kappa(r["median_kappa_eps"]),
@@ -403,8 +549,12 @@ def write_tables(
     stem: str = "table",
     title: str | None = None,
     paper: Mapping[str, str] | None = None,
+    provenance_facts: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Writes `<stem>.md` and `<stem>.json` into `out_dir`.
+
+    The JSON is ``{"title", "design", "provenance", "rows"}``: the design line, where the
+    runs were trained (:func:`provenance_summary`) and the rows of `aggregate`.
 
     Args:
       rows: output of `aggregate`.
@@ -412,6 +562,7 @@ def write_tables(
       stem: file name without extension.
       title: optional Markdown heading.
       paper: method -> the paper's number (extra column).
+      provenance_facts: :func:`provenance_summary` of the runs ({} or None: not recorded).
 
     Returns:
       The paths of the Markdown and JSON files.
@@ -419,6 +570,9 @@ def write_tables(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    md.write_text(markdown_table(rows, title=title, paper=paper))
-    js.write_text(json.dumps(_json_safe(list(rows)), indent=2) + "\n")
+    notes = [provenance_line(provenance_facts)] if provenance_facts else []
+    md.write_text(markdown_table(rows, title=title, paper=paper, notes=notes))
+    js.write_text(json.dumps(_json_safe({
+        "title": title, "design": design_line(rows), "provenance": provenance_facts or {},
+        "rows": list(rows)}), indent=2) + "\n")
     return md, js

@@ -240,9 +240,13 @@ def covariance(x: Array, *, layout: str | None = None, eps: float = 0.0) -> Arra
       eps: added to the diagonal (e.g. the decorrelated-BN epsilon); a static real >= 0.
 
     Returns:
-      (..., d, d) symmetric PSD covariance in x's dtype (bfloat16/float16 computed in
-      float32). N = 1 gives the zero matrix (one sample has no spread) plus eps I. NaN/Inf
-      features give a non-finite covariance.
+      (..., d, d) symmetric PSD covariance in x's dtype for float32/float64 input, and in
+      float32 for bfloat16/float16 input: a covariance is a second moment, so it overflows
+      float16 (max 65504) for features of magnitude ~256 (an entry of 300^2 = 9e4 became
+      inf) and would lose bfloat16's few mantissa bits on every entry; pass it on as it is
+      (the square-root functions compute in float32 anyway) or cast it yourself. N = 1
+      gives the zero matrix (one sample has no spread) plus eps I. NaN/Inf features give a
+      non-finite covariance.
 
     Raises:
       TypeError: ``layout`` missing or not a str; x not a real floating array; eps not a
@@ -258,6 +262,8 @@ def covariance(x: Array, *, layout: str | None = None, eps: float = 0.0) -> Arra
       [[1.0, 2.0], [2.0, 4.0]]
       >>> covariance(x.T, layout="features_last", eps=0.5).tolist()
       [[1.5, 2.0], [2.0, 4.5]]
+      >>> covariance(300 * x.astype(jnp.float16), layout="features_first").dtype
+      dtype('float32')
     """
     if layout is None:
         raise TypeError(
@@ -284,7 +290,7 @@ def covariance(x: Array, *, layout: str | None = None, eps: float = 0.0) -> Arra
     p = jnp.matmul(xc, mT(xc), precision=HIGHEST) / n
     if eps:
         p = p + eps * jnp.eye(d, dtype=p.dtype)
-    return p.astype(x.dtype)
+    return p  # the compute dtype: float32 for bfloat16/float16 (see Returns)
 
 
 # ----------------------------------------------------------------------- matrix functions

@@ -121,6 +121,18 @@ CASES = [
          TypeError, "method_kwargs"),
     Case("dbn/method_kwargs_unknown",
          lambda: _dbn(X4, method_kwargs={"bogus": 1}), TypeError, "bogus"),
+    # The options are checked at construction (before: only at the first call).
+    Case("dbn/method_kwargs_unknown_at_construction",
+         lambda: L.DecorrelatedBatchNorm(method_kwargs={"bogus": 1}), TypeError,
+         r"DecorrelatedBatchNorm: method_kwargs=\{'bogus': 1\}.*bogus"),
+    Case("dbn/method_kwargs_value_at_construction",
+         lambda: L.DecorrelatedBatchNorm(method="newton_schulz", method_kwargs={"num_iters": 0}),
+         ValueError, "num_iters"),
+    Case("dbn/empty_batch_training", lambda: L.DecorrelatedBatchNorm().init(
+        KEY, jnp.ones((0, 6)), use_running_average=False), ValueError,
+         r"at least 2 samples per channel; got x.shape=\(0, 6\) \(0 samples\)"),
+    Case("dbn/empty_batch_eval", lambda: _dbn(jnp.ones((0, 6)), use_running_average=True),
+         ValueError, r"at least 1 sample per channel; got x.shape=\(0, 6\) \(0 samples\)"),
     Case("dbn/dtype_int", lambda: L.DecorrelatedBatchNorm(dtype=jnp.int32), TypeError, "dtype"),
     Case("dbn/param_dtype_int", lambda: L.DecorrelatedBatchNorm(param_dtype=jnp.int32),
          TypeError, "param_dtype"),
@@ -151,6 +163,16 @@ CASES = [
          lambda: N.DecorrelatedBatchNorm(6, rngs=_rngs())(_x((1, 6))), ValueError, "samples"),
     Case("nnx_dbn/use_running_average_missing", lambda: N.DecorrelatedBatchNorm(
         6, use_running_average=None, rngs=_rngs())(X4), ValueError, "use_running_average"),
+    Case("nnx_dbn/method_kwargs_unknown_at_construction", lambda: N.DecorrelatedBatchNorm(
+        6, method_kwargs={"bogus": 1}, rngs=_rngs()), TypeError, "bogus"),
+    Case("nnx_dbn/method_kwargs_value_at_construction", lambda: N.DecorrelatedBatchNorm(
+        6, method="pade", method_kwargs={"lyapunov_iters": -1}, rngs=_rngs()), ValueError,
+         "lyapunov_iters"),
+    Case("nnx_dbn/empty_batch_eval", lambda: N.DecorrelatedBatchNorm(
+        3, use_running_average=True, rngs=_rngs())(jnp.ones((0, 3))), ValueError,
+         r"got x.shape=\(0, 3\) \(0 samples\)"),
+    Case("nnx_dbn/empty_batch_training", lambda: N.DecorrelatedBatchNorm(3, rngs=_rngs())(
+        jnp.ones((0, 3))), ValueError, r"got x.shape=\(0, 3\) \(0 samples\)"),
     Case("nnx_dbn/nan_training", lambda: nnx.jit(lambda m, x: m(x))(
         N.DecorrelatedBatchNorm(6, rngs=_rngs()), XNAN), NAN),
     # --------------------------------------------------------------------- CovariancePooling
@@ -160,7 +182,11 @@ CASES = [
     Case("gcp/pre_svd", lambda: L.CovariancePooling(pre_svd="ol"), ValueError, "pre_svd"),
     Case("gcp/pre_svd_none", lambda: L.CovariancePooling(pre_svd=None), ValueError, "pre_svd"),
     Case("gcp/method", lambda: L.CovariancePooling(method="svd"), ValueError, "method"),
+    Case("gcp/method_kwargs_at_construction",
+         lambda: L.CovariancePooling(method_kwargs={"eig_floor": 1.5}), ValueError, "eig_floor"),
     Case("gcp/momentum", lambda: L.CovariancePooling(momentum=-1), ValueError, "momentum"),
+    Case("gcp/empty_batch_training", lambda: _gcp(jnp.ones((0, 3, 3, 6)), dim=3), ValueError,
+         r"got x.shape=\(0, 3, 3, 6\) \(0 samples\)"),
     Case("gcp/epsilon", lambda: L.CovariancePooling(epsilon=-1e-5), ValueError, "epsilon"),
     Case("gcp/dtype_int", lambda: L.CovariancePooling(dtype=jnp.int32), TypeError, "dtype"),
     Case("gcp/param_dtype_complex", lambda: L.CovariancePooling(param_dtype=jnp.complex64),
@@ -181,6 +207,11 @@ CASES = [
     Case("nnx_gcp/in_features_0", lambda: N.CovariancePooling(0, 3, rngs=_rngs()), ValueError,
          "in_features"),
     Case("nnx_gcp/dim_0", lambda: N.CovariancePooling(6, 0, rngs=_rngs()), ValueError, "dim"),
+    Case("nnx_gcp/method_kwargs_at_construction", lambda: N.CovariancePooling(
+        6, 3, method="newton_schulz", method_kwargs={"eig_floor": 0.1}, rngs=_rngs()),
+         TypeError, "eig_floor"),
+    Case("nnx_gcp/empty_batch_training", lambda: N.CovariancePooling(6, 3, rngs=_rngs())(
+        jnp.ones((0, 3, 3, 6))), ValueError, r"got x.shape=\(0, 3, 3, 6\) \(0 samples\)"),
     Case("nnx_gcp/pre_svd", lambda: N.CovariancePooling(6, 3, pre_svd="x", rngs=_rngs()),
          ValueError, "pre_svd"),
     Case("nnx_gcp/wrong_channels", lambda: N.CovariancePooling(5, 3, rngs=_rngs())(X4),
@@ -407,6 +438,11 @@ CASES = [
          ValueError, "method"),
     Case("resnet/meta_kwargs", lambda: models.TinyResNet(num_classes=3, meta_kwargs=[1]),
          TypeError, "method_kwargs"),
+    Case("resnet/meta_kwargs_unknown_at_construction",
+         lambda: models.TinyResNet(num_classes=3, meta_kwargs={"bogus": 1}), TypeError, "bogus"),
+    Case("resnet/empty_batch_dbn_eval_init", lambda: models.TinyResNet(
+        num_classes=10, stem_norm="dbn").init(KEY, jnp.ones((0, 8, 8, 3)), train=False),
+         ValueError, r"DecorrelatedBatchNorm: .*got x.shape=\(0, 8, 8, 8\) \(0 samples\)"),
     Case("resnet/dbn_eps_neg", lambda: models.TinyResNet(num_classes=3, dbn_eps=-1.0),
          ValueError, "dbn_eps"),
     Case("resnet/dbn_groups_0", lambda: models.TinyResNet(num_classes=3, dbn_groups=0),

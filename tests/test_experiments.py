@@ -12,6 +12,7 @@ import pytest
 
 from experiments import flags as exp_flags
 from experiments import plot, run, tables
+from svdcond_jax.training.config import load_config_file
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -90,26 +91,62 @@ def test_markdown_and_json_tables(sweep: Path) -> None:
     assert "| svd | 21.17 ± 1.26 | 20.00 | 3 | 3 (2/3 runs) |" in text
     # singular: the rank instead of kappa(P); kappa on the non-zero spectrum instead
     assert "| singular (rank 5/8) | 2.0e+06 |" in text and "| 19.99 |" in text
-    assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2/3 |" in text
-    # [18, 19] vs [20, 22.5]: the difference is larger than the seeds' spread
-    assert "| -2.67 (yes) |" in text
+    assert "| svd+nog | 18.50 ± 0.71 | 18.00 | 2 (2/3 runs) |" in text
+    # paired over seeds 0 and 1: d = [19 - 20, 18 - 21]; 2 seeds give no 95% interval
+    assert "| -2.00 (no interval: 2 pairs) |" in text
+    assert "over 2 / 3 seeds per method" in text
     loaded = json.loads(js.read_text())
-    assert [r["method"] for r in loaded] == ["svd", "svd+nog"]
-    assert loaded[0]["val_error_min"] == 20.0
-    assert loaded[0]["final_kappa_raw"] is None and loaded[0]["rank"] == 5  # never 1e16
+    assert loaded["title"] == "t" and "seeds per method" in loaded["design"]
+    rows = loaded["rows"]
+    assert [r["method"] for r in rows] == ["svd", "svd+nog"]
+    assert rows[0]["val_error_min"] == 20.0
+    assert rows[0]["final_kappa_raw"] is None and rows[0]["rank"] == 5  # never 1e16
     assert "e+16" not in js.read_text() and "e+15" not in js.read_text()
-    assert loaded[1]["vs_svd_beyond_spread"] is True
-    np.testing.assert_allclose(loaded[1]["vs_svd_diff"], 18.5 - np.mean([20.0, 21.0, 22.5]))
+    assert rows[1]["vs_svd_separable"] is None and rows[1]["vs_svd_pairs"] == 2
+    np.testing.assert_allclose(rows[1]["vs_svd_diff"], -2.0)
 
 
-def test_versus_svd_needs_two_seeds_and_reports_overlap() -> None:
-    ref = {"val_error_mean": 2.0, "val_error_min": 1.0, "val_error_max": 3.0,
-           "num_finished": 3}
-    close = {**ref, "val_error_mean": 2.5, "val_error_min": 2.0, "val_error_max": 3.5}
-    assert tables.versus(close, ref) == {"diff": 0.5, "beyond_spread": False}
-    lone = {**close, "num_finished": 1}
-    assert tables.versus(lone, ref)["beyond_spread"] is None
-    assert tables.versus(ref, ref) == {"diff": None, "beyond_spread": None}
+def test_versus_svd_is_the_paired_difference_with_its_sign_flip_interval() -> None:
+    """Paired by run (seed, or seed/fold): every run of svd+x started where svd's did."""
+    ref = {"run_errors": {str(s): 2.0 + 0.3 * s for s in range(8)}}
+    better = {"run_errors": {str(s): 1.5 + 0.3 * s + 0.05 * (-1) ** s for s in range(8)}}
+    v = tables.versus(better, ref)
+    assert v["pairs"] == 8 and v["separable"] is True  # every seed better by ~0.5
+    np.testing.assert_allclose(v["diff"], -0.5)
+    assert v["interval"][0] < -0.5 < v["interval"][1] < 0
+    noisy = {"run_errors": {str(s): 2.0 + 0.3 * s + (-1) ** s for s in range(8)}}
+    assert tables.versus(noisy, ref)["separable"] is False  # +1, -1, +1, ...: not separable
+    few = {"run_errors": {str(s): 1.0 for s in range(5)}}
+    assert tables.versus(few, ref)["interval"] is None  # 5 pairs: 2/32 > 0.05
+    assert tables.versus(ref, ref)["diff"] is None
+    assert tables.versus({"run_errors": {"9": 1.0}}, ref)["pairs"] == 0
+
+
+def test_folds_pool_into_one_error_per_seed(tmp_path: Path) -> None:
+    """k-fold layout: a seed's error is wrong / validated images over its folds."""
+    for method, fold_errors in {"svd": [(10.0, 3.0), (20.0, 1.0)],
+                                "bn": [(12.0, 3.0), (20.0, None)]}.items():
+        for seed, errs in enumerate(fold_errors):
+            for fold, err in enumerate(errs):
+                path = tmp_path / method / f"seed{seed}" / f"fold{fold}" / "metrics.jsonl"
+                _write_run(path, method=method, seed=seed, val_error=err)
+                if err is not None:  # fold sizes 300 and 100
+                    records = [json.loads(x) for x in path.read_text().splitlines()[:-1]]
+                    records[-1].update(cv_folds=2, cv_fold=fold,
+                                       val_examples=300 if fold == 0 else 100)
+                    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = tables.collect_runs(tmp_path, ["svd", "bn"])
+    assert [(r.method, r.seed, r.fold) for r in runs][:4] == [
+        ("svd", 0, 0), ("svd", 0, 1), ("svd", 1, 0), ("svd", 1, 1)]
+    rows = {r["method"]: r for r in tables.aggregate(runs)}
+    np.testing.assert_allclose(rows["svd"]["seed_errors"]["0"], (300 * 10 + 100 * 3) / 400)
+    np.testing.assert_allclose(rows["svd"]["seed_errors"]["1"], (300 * 20 + 100 * 1) / 400)
+    assert rows["svd"]["val_images"] == 400 and rows["svd"]["num_seeds"] == 2
+    assert list(rows["bn"]["seed_errors"]) == ["0"]  # seed 1 lacks a fold's result
+    assert rows["bn"]["run_errors"] == {"0/0": 12.0, "0/1": 3.0, "1/0": 20.0}
+    assert rows["bn"]["vs_svd_pairs"] == 3  # paired by (seed, fold) run
+    text = tables.markdown_table(list(rows.values()))
+    assert "validates 400 images (2-fold: every image once per seed)" in text
 
 
 def test_single_run_shows_plain_error(tmp_path: Path) -> None:
@@ -155,7 +192,7 @@ def test_plot_rejects_runs_without_conditioning(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_files_load_and_document_a_command(path: Path) -> None:
-    module = run.load_config_module(path)
+    module = load_config_file(path)
     doc = module.__doc__ or ""
     assert "python -m experiments." in doc and "xpected run time" in doc
     for arg in (None, "runlocal"):
@@ -198,6 +235,70 @@ def test_config_flags_override_fields_and_reject_bad_ones(tmp_path: Path) -> Non
             _sweep(argv, config_default=demo_config)
     with pytest.raises(SystemExit, match="--config is required"):
         _sweep(["--workdir=x"])
+
+
+def test_unknown_config_field_lists_the_valid_ones_and_shipped_names_resolve() -> None:
+    with pytest.raises(SystemExit) as info:
+        run.parse_flags(["--config=digits_gcp", "--config.batch_sise=3"])
+    text = str(info.value)
+    assert "no field 'batch_sise'" in text and "did you mean 'batch_size'" in text
+    assert "  gcp_dim=32" in text and "  batch_size=128" in text  # digits_gcp's own fields
+    fv = run.parse_flags(["--config=digits_gcp:runlocal", "--config.gcp_dim=8"])
+    assert fv.config.gcp_dim == 8 and fv.config.task == "gcp"
+
+
+@pytest.mark.parametrize("entry,argv", [
+    ("run", ["--config=digits_demo"]), ("run", []), ("demo", ["--quick"]),
+    ("decorrelated_bn", ["--dataset=cifar10"]), ("covariance_pooling", []), ("plot", [])])
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpshort", "--helpfull", "-?"])
+def test_help_flags_print_the_flags_and_the_config_fields(entry, argv, flag, capsys) -> None:
+    import importlib
+
+    module = importlib.import_module(f"experiments.{entry}")
+    with pytest.raises(SystemExit) as info:
+        module.main([*argv, flag])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__.strip()[:40]) and "--workdir" in out
+    if entry != "plot":
+        assert "Config fields" in out and "--config.seed=0" in out
+
+
+def test_config_method_and_seed_are_the_sweep_or_refused(monkeypatch) -> None:
+    # The sweep sets config.method and config.seed per run: an override of either is its
+    # only value, redundant with a --methods/--seeds naming just it, else refused.
+    demo_config = str(CONFIG_DIR / "digits_demo.py")
+    for argv, methods, seeds in (
+            (["--config.seed=5"], None, [5]),
+            (["--seeds=5", "--config.seed=5"], None, [5]),
+            (["--config.method=svd+nog", "--config.seed=2"], ["svd+nog"], [2]),
+            (["--methods=bn", "--config.method=bn"], ["bn"], None)):
+        sweep = _sweep(argv, config_default=demo_config)
+        assert sweep.methods == (methods or ["bn", "svd", "svd+nog", "svd+olr", "svd+ow",
+                                             "svd+nog+ow+olr", "newton_schulz"]), argv
+        assert sweep.seeds == (seeds or [0, 1, 2, 3]), argv
+    for argv, match in (
+            (["--seeds=0", "--config.seed=-1"],
+             r"--config.seed=-1 conflicts with --seeds=0: the sweep sets each run's "
+             r"config.seed from --seeds; give --seeds alone \(--seeds=-1 for that seed only"),
+            (["--seeds=5,6", "--config.seed=5"], "--config.seed=5 conflicts with --seeds=5,6"),
+            (["--methods=svd", "--config.method=foo"],
+             "--config.method=foo conflicts with --methods=svd: .*give --methods alone")):
+        with pytest.raises(SystemExit, match=match):
+            _sweep(argv, config_default=demo_config)
+    # Alone, an unknown method is the sweep's method, and validation names it.
+    sweep = _sweep(["--config.method=foo"], config_default=demo_config)
+    with pytest.raises(ValueError,
+                       match=r"run foo/seed0/fold0: (.|\n)*config.method='foo': must be"):
+        run.validate_sweep(sweep.config, sweep.methods, sweep.seeds)
+    # The demo's --quick keeps its reduced method list only when no method was asked for.
+    from experiments import demo
+
+    asked = []
+    monkeypatch.setattr(run, "execute", lambda sweep: asked.append(sweep) or "")
+    demo.main(["--quick", "--config.method=svd+nog", "--workdir=/nonexistent/never"])
+    demo.main(["--quick", "--workdir=/nonexistent/never"])
+    assert [s.methods for s in asked] == [["svd+nog"], ["bn", "svd+nog+olr"]]
 
 
 def _fake_train(calls: list) -> run.TrainFn:
@@ -245,16 +346,38 @@ def test_run_sweep_calls_train_fn_per_method_and_seed(tmp_path: Path) -> None:
     assert "| svd | 10.00 |" in run.report(tmp_path, ["svd"], seeds=[0])  # only the sweep's
 
 
+def test_k_fold_sweeps_run_every_fold_of_every_seed_and_refuse_mixed_layouts(
+        tmp_path: Path) -> None:
+    config = ml_collections.ConfigDict({"method": "svd", "seed": 0, "cv_folds": 3,
+                                        "cv_fold": 0})
+    planned = run.plan(config, tmp_path, ["svd"], [4, 5])
+    assert [(p.seed, p.fold, p.config.cv_fold) for p in planned] == [
+        (4, 0, 0), (4, 1, 1), (4, 2, 2), (5, 0, 0), (5, 1, 1), (5, 2, 2)]
+    assert planned[1].dir == tmp_path / "svd" / "seed4" / "fold1"
+    assert planned[1].name == "svd/seed4/fold1"
+    calls: list = []
+    run.run_sweep(config, tmp_path, ["svd"], [4], train_fn=_fake_train(calls),
+                  log=lambda _: None)
+    assert [c[2] for c in calls] == [str(tmp_path / "svd" / "seed4" / f"fold{f}")
+                                     for f in range(3)]
+    assert (tmp_path / "svd" / "seed4" / "fold0" / "provenance.json").is_file()
+    flat = ml_collections.ConfigDict({"method": "svd", "seed": 0, "cv_folds": 0,
+                                      "cv_fold": 0})
+    with pytest.raises(ValueError, match="another cross-validation layout"):
+        run.run_sweep(flat, tmp_path, ["svd"], [4], train_fn=_fake_train(calls))
+
+
 def test_demo_reduced_mode_end_to_end(tmp_path: Path, capsys) -> None:
     from experiments import demo
 
     workdir = tmp_path / "demo"
     table = demo.main(["--quick", "--seeds=0", f"--workdir={workdir}"])  # QUICK_METHODS
     quick = Path(f"{workdir}_quick")
-    rows = {r["method"]: r for r in json.loads((quick / "table.json").read_text())}
+    rows = {r["method"]: r for r in json.loads((quick / "table.json").read_text())["rows"]}
     assert set(rows) == {"bn", "svd+nog+olr"} and not workdir.exists()
     for row in rows.values():
-        assert row["num_finished"] == 1 and row["failures_total"] == 0
+        assert row["num_finished"] == 2 and row["failures_total"] == 0  # 2 folds
+        assert row["num_seeds"] == 1 and row["folds"] == 2 and row["val_images"] == 128 * 2
         assert 0.0 <= row["val_error_mean"] <= 100.0
         assert row["final_kappa_eps"] is not None and math.isfinite(row["final_kappa_eps"])
         assert row["rank"] <= 9 and row["dim"] == 16  # one grey channel: 9-dim patches
@@ -262,7 +385,7 @@ def test_demo_reduced_mode_end_to_end(tmp_path: Path, capsys) -> None:
         assert row["median_kappa_nonzero"] is not None
     assert "svd+nog+olr" in table and "(--quick" in table
     out = capsys.readouterr().out
-    assert "[bn/seed0] done: val_error=" in out and "compile=" in out
+    assert "[bn/seed0/fold1] done: val_error=" in out and "compile=" in out
     assert (quick / "conditioning.png").stat().st_size > 10_000
     # quick then full of one method: the full sweep would not report the 6-step run
     with pytest.raises(SystemExit, match="not a run of the requested config"):
@@ -284,3 +407,17 @@ def test_step_timing_overheads_and_table() -> None:
     table = step_timing.format_table(results, header="h")
     assert "| svd | 42.0 | 60.0 | 102.0 | 1.050 | 1.000 | 1.020 | 44 / 95 |" in table
     assert "MISSES" in step_timing.format_overheads(list(rows.values()))
+
+
+def test_conditioning_study_quick_pairs_nog_with_svd(tmp_path: Path) -> None:
+    from experiments import conditioning_study
+
+    table = conditioning_study.main(["--quick", "--variants=paper,eps relative",
+                                     "--seeds=0", "--methods=svd,svd+nog",
+                                     f"--workdir={tmp_path / 'study'}"])
+    assert "| paper | svd+nog |" in table and "| eps relative | svd+nog |" in table
+    saved = json.loads((tmp_path / "study_quick" / "conditioning_study.json").read_text())
+    ratio = saved["results"]["paper"]["svd+nog"]["kappa_eps_vs_svd"]
+    assert ratio is not None and ratio["n"] == 1 and ratio["geomean"] > 0
+    with pytest.raises(SystemExit, match="unknown"):
+        conditioning_study.main(["--variants=nope", f"--workdir={tmp_path}"])

@@ -215,6 +215,13 @@ def test_non_finite_batches_on_ordinary_and_monitor_steps(monkeypatch, tmp_path,
     assert [train[s]["svd_failures"] for s in range(1, 9)] == [0, 1, 2, 2, 2, 2, 2, 2]
     params = _final_params(tmp_path)
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+    # The skipped steps kept the whole batch_stats, the layers' non-finite counters included
+    # (the library counts those steps in svd_failures); the running statistics are finite.
+    stats = checkpointing.load_arrays(str(tmp_path), 8)["batch_stats"]
+    counters = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(stats)
+                if "nonfinite_batches" in jax.tree_util.keystr(path)]
+    assert counters == [0]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(stats))
     assert summary["median_kappa_eps"] is not None and np.isfinite(summary["val_error"])
     (row,) = tables.aggregate([tables.load_run(tmp_path)])
     assert row["num_finished"] == 1 and row["singular_fraction"] is not None
@@ -465,3 +472,147 @@ def test_metrics_deleted_mid_run_is_detected(monkeypatch, tmp_path, cache_dir):
     assert summary["best_val_error"] is None and summary["median_kappa_eps"] is None
     (row,) = tables.aggregate(tables.collect_runs(tmp_path))
     assert row["num_finished"] == 0 and row["num_incomplete"] == 1
+
+
+# ------------------------------------------------------------------ tampering, keyed records
+
+KEY = b"a secret of this test, kept outside the workdir"
+
+
+def _record(workdir: Path, step: int) -> dict:
+    return json.loads((workdir / "checkpoints" / str(step) / checkpointing.INTEGRITY_FILE)
+                      .read_text())
+
+
+def _rewrite(workdir: Path, trees: dict, *, key: bytes | None) -> None:
+    """Replaces checkpoints ``{step: (tree, extra)}`` (newer than every other one kept) by
+    their trees with matching records, written by the library itself: what anyone who can
+    write the workdir can do (``key`` None), or the run that holds the key."""
+    for step in trees:
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    ckpt = checkpointing.Checkpointer(str(workdir), key=key)
+    for step in sorted(trees):  # orbax saves only steps newer than its latest
+        ckpt.save(step, trees[step][0], extra=trees[step][1])
+    ckpt.close()
+
+
+def _keyed_copy(reference: Path, dst: Path, arrays) -> Path:
+    """The reference run as a run with ``KEY`` would have written it (keyed records)."""
+    workdir = _copy(reference, dst)
+    _rewrite(workdir, {step: (_restore_unverified(workdir, arrays, step),
+                              _record(workdir, step)["extra"]) for step in (4, 8)}, key=KEY)
+    return workdir
+
+
+def _tampered(workdir: Path, arrays, step: int = 8):
+    """Checkpoint ``step`` with other finite weights (params x 1.5) and a matching plain
+    record."""
+    saved = _restore_unverified(workdir, arrays, step)
+    forged = {**saved, "params": jax.tree_util.tree_map(lambda p: p * 1.5, saved["params"])}
+    _rewrite(workdir, {step: (forged, _record(workdir, step)["extra"])}, key=None)
+    return forged
+
+
+def _restore(workdir: Path, arrays, key: bytes | None):
+    ckpt = checkpointing.Checkpointer(str(workdir), key=key)
+    try:
+        return checkpointing.restore_latest(ckpt, arrays)
+    finally:
+        ckpt.close()
+
+
+def test_tampered_checkpoint_passes_the_plain_digest_and_fails_the_keyed_one(
+        tmp_path, reference, target):
+    arrays = target[0]
+    workdir = _keyed_copy(reference, tmp_path / "run", arrays)
+    forged = _tampered(workdir, arrays)
+    # Without a key: the rewritten weights restore silently (what a plain digest cannot see).
+    silent = _restore(workdir, arrays, key=None)
+    assert silent.step == 8 and silent.verified and not silent.authenticated
+    _assert_same_arrays(silent.tree, forged)
+    # With the key: refused, named, and nothing moved or restored.
+    with pytest.raises(checkpointing.CheckpointAuthenticationError,
+                       match="checkpoint 8 has no keyed digest"):
+        _restore(workdir, arrays, key=KEY)
+    # A forger holding another key writes a keyed record: it does not verify either.
+    _rewrite(workdir, {8: (forged, _record(workdir, 8)["extra"])}, key=b"another key")
+    with pytest.raises(checkpointing.CheckpointAuthenticationError,
+                       match="does not verify under this key"):
+        _restore(workdir, arrays, key=KEY)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+    assert not (workdir / checkpointing.DAMAGED_DIR).exists()
+
+
+def test_authenticated_step_content_and_history_count(tmp_path, reference, target):
+    arrays = target[0]
+    workdir = _keyed_copy(reference, tmp_path / "run", arrays)
+    restored = _restore(workdir, arrays, key=KEY)
+    assert (restored.step, restored.verified, restored.authenticated) == (8, True, True)
+    _assert_same_arrays(restored.tree, checkpointing.load_arrays(str(reference), 8))
+    path = workdir / "checkpoints" / "8" / checkpointing.INTEGRITY_FILE
+    record = json.loads(path.read_text())
+    for forged in ({**record, "extra": {"metrics_records": 3}},  # a shorter history
+                   {**record, "step": 4}):  # another step's record
+        path.write_text(json.dumps(forged))
+        with pytest.raises(checkpointing.CheckpointAuthenticationError, match="does not verify"):
+            _restore(workdir, arrays, key=KEY)
+    # Checkpoint 4's (authentic) record and arrays moved into step 8's place.
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    shutil.copytree(workdir / "checkpoints" / "4", workdir / "checkpoints" / "8")
+    with pytest.raises(checkpointing.CheckpointAuthenticationError, match="does not verify"):
+        _restore(workdir, arrays, key=KEY)
+
+
+def test_keyed_run_without_a_record_falls_back_and_an_unkeyed_run_warns(
+        tmp_path, reference, target, caplog):
+    arrays = target[0]
+    workdir = _keyed_copy(reference, tmp_path / "run", arrays)
+    with caplog.at_level(logging.WARNING, logger="svdcond_jax.training.checkpointing"):
+        plain = _restore(workdir, arrays, key=None)  # keyed records, no key set
+    assert plain.step == 8 and plain.verified and not plain.authenticated
+    assert "saved with a keyed digest, but no key is set" in caplog.text
+    # A keyed run never restores a checkpoint without a record (killed between orbax's
+    # commit and the record, or the record deleted): moved aside like a damaged one.
+    (workdir / "checkpoints" / "8" / checkpointing.INTEGRITY_FILE).unlink()
+    restored = _restore(workdir, arrays, key=KEY)
+    assert (restored.step, restored.authenticated) == (4, True)
+    assert os.listdir(workdir / checkpointing.DAMAGED_DIR) == ["8"]
+
+
+def test_keyed_run_resumes_bit_identically_and_refuses_an_unkeyed_workdir(
+        tmp_path, reference, target, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY + b"\n")  # as `echo` writes it: the newline is not the key
+    monkeypatch.setenv(checkpointing.ENV_KEY_FILE, str(key_file))
+    workdir = _keyed_copy(reference, tmp_path / "run", target[0])
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    summary = train_and_evaluate(_config(), str(workdir))  # from keyed checkpoint 4
+    assert summary["complete"] and summary["steps"] == 8
+    _assert_same_arrays(_final_params(workdir), _final_params(reference))
+    assert _history(workdir) == _history(reference)
+    assert _restore(workdir, target[0], key=KEY).authenticated  # its new checkpoint 8
+    # The same key set for the unkeyed reference run: refused before training, nothing moved.
+    unkeyed = _copy(reference, tmp_path / "unkeyed")
+    with pytest.raises(checkpointing.CheckpointAuthenticationError, match="no keyed digest"):
+        train_and_evaluate(_config(), str(unkeyed))
+    assert sorted(os.listdir(unkeyed / "checkpoints")) == ["4", "8"]
+
+
+def test_checkpoint_key_settings(tmp_path):
+    workdir = tmp_path / "run"
+    inside, outside, empty = workdir / "key", tmp_path / "key", tmp_path / "empty"
+    workdir.mkdir()
+    for path in (inside, outside):
+        path.write_bytes(b" k3y\n")
+    empty.write_bytes(b"\n")
+    key = checkpointing.checkpoint_key
+    env, env_file = checkpointing.ENV_KEY, checkpointing.ENV_KEY_FILE
+    assert key(str(workdir), {}) is None and key(str(workdir), {env: ""}) is None
+    assert key(str(workdir), {env: "s"}) == b"s"
+    assert key(str(workdir), {env_file: str(outside)}) == b"k3y"
+    for settings, match in (({env: "s", env_file: str(outside)}, "both"),
+                            ({env_file: str(inside)}, "inside the workdir"),
+                            ({env_file: str(empty)}, "is empty"),
+                            ({env_file: str(tmp_path / "missing")}, "cannot be read")):
+        with pytest.raises(ValueError, match=match):
+            key(str(workdir), settings)

@@ -429,8 +429,25 @@ def test_low_precision_in_low_precision_out(dtype):
         assert rel_err(q, np_power(np.asarray(p, np.float64), 0.5)) < 2e-2
         grad = jax.grad(lambda a, m=method: jnp.sum(sqrtm(a, method=m)).astype(jnp.float32))(p)
         assert grad.dtype == dtype
-    assert covariance(jnp.ones((3, 4), dtype), layout="features_first").dtype == dtype
     assert condition_number(p).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_covariance_is_float32_and_finite(dtype):
+    # Activations of magnitude ~300: variances ~9e4 overflowed float16 (max 65504) when the
+    # covariance was returned in the input dtype. It is computed and returned in float32,
+    # equal to the float64 covariance of the same (rounded) inputs to float32 round-off.
+    x = jnp.asarray(300.0 * (1.0 + np.random.default_rng(18).standard_normal((2, 5, 64))),
+                    dtype)
+    x64 = np.asarray(x, np.float64)
+    xc = x64 - x64.mean(-1, keepdims=True)
+    ref = xc @ np.swapaxes(xc, -1, -2) / x64.shape[-1] + 0.5 * np.eye(5)
+    assert ref.max() > float(jnp.finfo(jnp.float16).max)  # the float16 overflow case
+    for layout, xin in (("features_first", x), ("features_last", jnp.swapaxes(x, -1, -2))):
+        p = covariance(xin, layout=layout, eps=0.5)
+        assert p.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(p)))
+        np.testing.assert_allclose(p, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert sqrtm(p).dtype == jnp.float32  # the meta-layer takes it as it is
 
 
 def test_float64_stays_float64(x64):

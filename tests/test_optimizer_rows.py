@@ -9,15 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import run
 from svdcond_jax.optimizers import find_olr_eta
 from svdcond_jax.training import methods, steps
 from svdcond_jax.training import state as state_lib
-from svdcond_jax.training.config import get_config, validate_config
+from svdcond_jax.training.config import get_config, load_config_file, validate_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
-DBN = run.load_config_module(CONFIGS / "digits_optimizers.py")
-GCP = run.load_config_module(CONFIGS / "digits_optimizers_gcp.py")
+DBN = load_config_file(CONFIGS / "digits_optimizers.py")
+GCP = load_config_file(CONFIGS / "digits_optimizers_gcp.py")
 
 
 def test_rows_name_the_six_optimizers():

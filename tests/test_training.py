@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from clu import periodic_actions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -257,32 +256,41 @@ def test_periodic_actions_trigger_exactly_where_the_hand_counted_loop_did(
                        checkpoint_every_epochs=ck))
     start = int(start_frac * (total - 1))  # a resumed run starts mid-way
     every = loop.periodic_every_steps(config, spe)
-    fired = {name: [] for name in every}
-    actions = {name: periodic_actions.PeriodicCallback(
-        every_steps=e, on_steps=[total], callback_fn=lambda step, t, name=name:
-        fired[name].append(step)) for name, e in every.items()}
-    for done in range(start + 1, total + 1):
-        for action in actions.values():
-            action(done)
-    for name in every:
+    for name, period in every.items():
+        fired = [d for d in range(start + 1, total + 1) if loop.due(d, period, total)]
         want = [d for d in range(start + 1, total + 1)
                 if _old_triggers(d, total, spe, config)[name]]
-        assert fired[name] == want, name
+        assert fired == want, name
 
 
 # ----------------------------------------------------------------------------- eval metrics
 
 
-def test_clu_eval_metrics_equal_the_float64_sums():
+def test_eval_accumulates_float64_sums_over_padded_batches(monkeypatch):
     rng = np.random.default_rng(0)
     batches = [{"loss_sum": np.float32(rng.uniform(0, 40)), "correct": np.float32(k),
-                "count": np.float32(n)} for k, n in ((3, 16), (9, 16), (2, 5))]
-    total = functools.reduce(lambda a, b: a.merge(b), map(loop._eval_metrics, batches))
-    out = total.compute()
+                "count": np.float32(n)} for k, n in ((3, 16), (9, 16), (2, 5), (0, 0))]
+    feed = iter(batches)
+
+    class FakePar:
+        def place_batch(self, batch):
+            return batch
+
+        def eval_step(self, state, batch):
+            return next(feed)
+
+        def host(self, x):
+            return x
+
+    monkeypatch.setattr(loop.input_pipeline, "eval_batches",
+                        lambda data, batch_size: iter(range(len(batches))))
+    config = get_config()
+    out = loop.evaluate(config, None, FakePar(), None)
     count = sum(float(b["count"]) for b in batches)
-    want = sum(float(b["loss_sum"]) for b in batches) / count  # the loop's old arithmetic
-    assert float(out["loss"]) == pytest.approx(want, rel=1e-12)
-    assert float(out["accuracy"]) == pytest.approx(14 / count, rel=1e-12)
+    want = sum(float(b["loss_sum"]) for b in batches) / count
+    assert out["loss"] == pytest.approx(want, rel=1e-12)
+    assert out["accuracy"] == pytest.approx(14 / count, rel=1e-12)
+    assert out["error"] == pytest.approx(100 * (1 - 14 / count), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -431,3 +439,41 @@ def test_features_step_captures_stem_output():
     assert feats.shape == (8, 6, 6, 6)
     rec = monitor.conditioning_stats(feats, eps=1e-2)
     assert rec["dim"] == 6 and rec["rank"] == 6  # 2 channels x 3x3 = 18 >= 6
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def test_methods_of_one_seed_start_from_the_same_parameters_where_the_trees_coincide():
+    """The paired design of the sweeps: for a seed, every method's initial parameters
+    equal on every path they share (only the method's own layers differ)."""
+    from flax.traverse_util import flatten_dict
+
+    config = get_config()
+    config.update(dict(image_size=8, input_channels=1, num_filters=8))
+    inits = {}
+    for method in ("bn", "svd", "svd+nog+olr", "svd+ow", "newton_schulz"):
+        config.method = method
+        setup = create_setup(config, num_classes=10, steps_per_epoch=4)
+        state = state_lib.create_train_state(
+            jax.random.key(config.seed, impl=config.prng_impl), setup, (8, 8, 3))
+        inits[method] = flatten_dict(jax.device_get(state.params), sep="/")
+    ref = inits["svd"]
+    for method, params in inits.items():
+        shared = {p for p in set(params) & set(ref) if params[p].shape == ref[p].shape}
+        assert len(shared) >= len(ref) - 3, (method, set(ref) - shared)  # SOC's own kernel
+        for path in shared:
+            np.testing.assert_array_equal(params[path], ref[path], err_msg=f"{method} {path}")
+
+
+def test_monitor_with_relative_eps_reads_the_matrix_the_layer_decomposes():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(6, 40))
+    p = p @ p.T / 40
+    lam = np.linalg.eigvalsh(p)
+    ridge = 0.01 * np.trace(p) / 6
+    stats = monitor.eigen_stats(p, eps=0.01, relative_eps=True)
+    np.testing.assert_allclose(stats["kappa_eps"], (lam[-1] + ridge) / (lam[0] + ridge),
+                               rtol=1e-10)
+    scaled = monitor.eigen_stats(25.0 * p, eps=0.01, relative_eps=True)
+    np.testing.assert_allclose(scaled["kappa_eps"], stats["kappa_eps"], rtol=1e-10)

@@ -14,12 +14,13 @@ from svdcond_jax.training.loop import train_and_evaluate
 
 pytestmark = pytest.mark.slow
 
-SUMMARY_KEYS = {"method", "dataset", "model", "seed", "steps", "val_error", "best_val_error",
+SUMMARY_KEYS = {"method", "dataset", "model", "seed", "steps", "val_error", "val_examples",
+                "cv_folds", "cv_fold", "best_val_error",
                 "final_kappa_eps", "median_kappa_eps", "final_kappa_raw", "svd_failures",
                 "train_time_s", "steps_per_s", "complete", "history_problem"}
 FIELDS = {
     "train": {"loss", "accuracy", "learning_rate", "olr_eta", "svd_failures", "epoch", "seq"},
-    "eval": {"loss", "accuracy", "error", "epoch", "seq"},
+    "eval": {"loss", "accuracy", "error", "examples", "epoch", "seq"},
     "conditioning": {"kappa_raw", "kappa_eps", "lambda_max", "lambda_min", "rank", "dim",
                      "singular", "weight_norm", "olr_eta", "finite", "seq"},
     "summary": SUMMARY_KEYS | {"seq"},
@@ -84,7 +85,7 @@ def test_digits_resume_equals_uninterrupted_and_pmap_equals_jit(tmp_path):
     assert 0.0 <= full["val_error"] <= 100.0 and full["final_kappa_eps"] > 1.0
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 7))
-    assert all(r["olr_eta"] is not None and 0 < r["olr_eta"] <= 0.1 for r in train)
+    assert all(r["olr_eta"] is not None and 0 < r["olr_eta"] <= np.float32(0.1) for r in train)
     assert train[-1]["learning_rate"] == pytest.approx(0.01)  # /10 after epoch 1 (4 steps)
     cond = [r for r in records if r["kind"] == "conditioning"]
     assert [r["step"] for r in cond] == [2, 4, 6] and cond[0]["dim"] == 4

@@ -77,7 +77,8 @@ def test_evaluation_uses_running_statistics():
     x = _correlated(3, (8, 4, 4, 5))
     layer = DecorrelatedBatchNorm(momentum=0.9, epsilon=1e-3)
     variables = layer.init(KEY, x, use_running_average=False)
-    assert set(variables["batch_stats"]) == {"mean", "whitening"}
+    assert set(variables["batch_stats"]) == {"mean", "whitening", "nonfinite_batches"}
+    assert variables["batch_stats"]["nonfinite_batches"] == 0
     np.testing.assert_array_equal(variables["batch_stats"]["whitening"][0], np.eye(5))
     y_train, updates = layer.apply(variables, x, use_running_average=False,
                                    mutable=["batch_stats"])
@@ -201,3 +202,36 @@ def test_jit_with_sharded_batch_matches_unsharded():
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(updates["batch_stats"]["whitening"], stats_ref["whitening"],
                                rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- relative eps
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 40.0])
+def test_relative_epsilon_makes_the_whitening_scale_free(scale):
+    """With eps * trace(Sigma) / d the ridge follows the features: y(c x) = y(x)."""
+    x = jax.random.normal(jax.random.key(3), (64, 5)) @ jnp.diag(jnp.arange(1.0, 6.0))
+    layer = DecorrelatedBatchNorm(use_running_average=False, epsilon=1e-2,
+                                  relative_epsilon=True, use_scale=False, use_bias=False)
+    variables = layer.init(jax.random.key(0), x)
+    y, _ = layer.apply(variables, x, mutable=["batch_stats"])
+    y_scaled, _ = layer.apply(variables, scale * x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_scaled, y, atol=2e-5, rtol=2e-5)
+    absolute = layer.clone(relative_epsilon=False)
+    z, _ = absolute.apply(variables, x, mutable=["batch_stats"])
+    z_scaled, _ = absolute.apply(variables, scale * x, mutable=["batch_stats"])
+    if scale != 1.0:  # a fixed eps does not follow the scale (the mechanism of the docs)
+        assert float(jnp.abs(z_scaled - z).max()) > 1e-3
+
+
+def test_relative_epsilon_ridge_is_eps_times_the_mean_eigenvalue():
+    from svdcond_jax.nn import whitening
+
+    xg = jax.random.normal(jax.random.key(1), (2, 4, 50))
+    _, plain = whitening.group_moments(xg, epsilon=0.0)
+    _, ridged = whitening.group_moments(xg, epsilon=0.1, relative_epsilon=True)
+    mean_eig = jnp.trace(plain, axis1=-2, axis2=-1) / 4
+    np.testing.assert_allclose(ridged - plain, 0.1 * mean_eig[:, None, None] * jnp.eye(4),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="relative_epsilon"):
+        DecorrelatedBatchNorm(relative_epsilon="yes")

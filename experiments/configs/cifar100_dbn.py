@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import _common
+from svdcond_jax.training.config import config_with, runlocal
 from svdcond_jax.training.methods import METHODS as _ALL_METHODS
 
 TITLE = "Decorrelated BN, ResNet-50, CIFAR100 (Tables 1-4)"
@@ -56,7 +56,7 @@ PAPER = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """CIFAR100 decorrelated-BN recipe; `arg="runlocal"` gives a few-step local run."""
-    config = _common.base(
+    config = config_with(
         dataset="cifar100",
         model="CifarResNet50",
         task="dbn",
@@ -76,5 +76,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every_epochs=5,
     )
     if arg == "runlocal":
-        _common.runlocal(config)
+        runlocal(config)
     return config

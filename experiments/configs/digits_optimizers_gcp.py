@@ -7,26 +7,32 @@ svd@nog+olr, svd+nog+olr@adamw. Every kernel but the classifier `fc` counts as a
 for muon/nog (the Pre-SVD conv `head/pre_svd_conv/kernel` included).
 
 Command (writes runs/optimizers_gcp/{table.md,table.json,conditioning.png}):
+  svdcond-run --config=digits_optimizers_gcp
+  from a checkout also:
   python -m experiments.run --config=experiments/configs/digits_optimizers_gcp.py
 Reduced mode: add --quick (runs/optimizers_gcp_quick).
 
 Expected run time: not measured for the full sweep (the measured comparison is run later).
---quick (6 rows x 3 seeds x 6 steps) measured 113 s in total of the runs' own wall times
-(7-19 s compiling each row's first seed) on the 2-core development machine while other
-jobs ran (load average ~7).
+--quick (6 rows x 4 seeds x 2 folds x 6 steps, 48 runs) took 146 s elapsed on the 2-core
+development machine while other jobs ran (load average ~9).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
-from experiments.configs import digits_gcp, digits_optimizers
+from svdcond_jax.training.config import load_config_file
+
+digits_gcp = load_config_file(Path(__file__).with_name("digits_gcp.py"))
+digits_optimizers = load_config_file(Path(__file__).with_name("digits_optimizers.py"))
 
 TITLE = "Optimizers: covariance pooling (GCP), TinyResNet, digits"
 WORKDIR = "runs/optimizers_gcp"
 METHODS = digits_optimizers.METHODS
 QUICK_METHODS = METHODS
-SEEDS = (0, 1, 2)
+SEEDS = digits_gcp.SEEDS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import _common
+from svdcond_jax.training.config import config_with, runlocal
 
 TITLE = "Global covariance pooling, ResNet-18, ImageNet (Table 5)"
 METHODS = (
@@ -56,7 +56,7 @@ PAPER = {  # Table 5: top-1 accuracy (%), failures in one run
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ImageNet GCP recipe; `arg="runlocal"` gives a few-step local run."""
-    config = _common.base(
+    config = config_with(
         dataset="imagenet2012",
         model="ResNet18",
         task="gcp",
@@ -76,5 +76,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every_epochs=1,
     )
     if arg == "runlocal":
-        _common.runlocal(config, gcp_dim=16)
+        runlocal(config, gcp_dim=16)
     return config

@@ -180,6 +180,7 @@ def check_config(model: ResNet) -> None:
     check_pre_svd(model.pre_svd, where)
     _checks.check_method(where, model.meta_method, model.meta_kwargs)
     _checks.check_real(where, "dbn_eps", model.dbn_eps, low=0.0)
+    _checks.check_bool(where, "dbn_eps_relative", model.dbn_eps_relative)
     groups = _checks.check_int(where, "dbn_groups", model.dbn_groups, 1)
     if model.stem_norm == "dbn" and model.num_filters % groups:
         raise ValueError(f"{where}: dbn_groups={groups} must divide "
@@ -231,6 +232,8 @@ class ResNet(nn.Module):
       meta_method: meta-layer method of the DBN / GCP (``meta_layer.METHODS``).
       meta_kwargs: options of the meta-layer method.
       dbn_eps: eps*I >= 0 added to the DBN covariance.
+      dbn_eps_relative: add dbn_eps * trace(P) / d instead (scale-free ridge;
+        ``DecorrelatedBatchNorm.relative_epsilon``).
       dbn_groups: channel groups of the DBN (must divide ``num_filters``).
       gcp_dim: channels of the GCP reduction conv (>= 1).
       input_channels: keep only the first ``input_channels`` channels of the images (None:
@@ -268,6 +271,7 @@ class ResNet(nn.Module):
     meta_method: str = "eigh"
     meta_kwargs: dict[str, Any] | None = None
     dbn_eps: float = 1e-2
+    dbn_eps_relative: bool = False
     dbn_groups: int = 1
     gcp_dim: int = 256
     input_channels: int | None = None
@@ -295,7 +299,8 @@ class ResNet(nn.Module):
         if self.stem_norm == "dbn":
             self.sow("intermediates", "pre_svd_features", x)
             x = DecorrelatedBatchNorm(
-                use_running_average=not train, epsilon=self.dbn_eps, groups=self.dbn_groups,
+                use_running_average=not train, epsilon=self.dbn_eps,
+                relative_epsilon=self.dbn_eps_relative, groups=self.dbn_groups,
                 method=self.meta_method, method_kwargs=self.meta_kwargs,
                 axis_name=self.axis_name, dtype=dtype, name="stem_norm")(x)
         else:

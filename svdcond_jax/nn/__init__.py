@@ -18,5 +18,6 @@ from svdcond_jax.nn.pooling import pre_svd_conv as pre_svd_conv
 from svdcond_jax.nn.pooling import upper_triangle as upper_triangle
 from svdcond_jax.nn.whitening import DecorrelatedBatchNorm as DecorrelatedBatchNorm
 from svdcond_jax.nn.whitening import ema_update as ema_update
+from svdcond_jax.nn.whitening import finite_or_previous as finite_or_previous
 from svdcond_jax.nn.whitening import zca_statistics as zca_statistics
 from svdcond_jax.nn.whitening import zca_whiten as zca_whiten

@@ -31,6 +31,13 @@ def check_int(where: str, name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def check_bool(where: str, name: str, value: Any) -> bool:
+    """``value``; TypeError unless a bool (0/1 and strings are refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: {name} must be True or False; got {name}={value!r}")
+    return bool(value)
+
+
 def check_real(where: str, name: str, value: Any, *, low: float, high: float = math.inf,
                low_open: bool = False) -> float:
     """``value`` as a float in [low, high] ((low, high] with ``low_open``); NaN is rejected."""
@@ -116,11 +123,18 @@ def check_input(where: str, x: Any, *, ndim: int | None = None, min_ndim: int = 
 
 
 def check_method(where: str, method: Any, method_kwargs: Any) -> None:
-    """Meta-layer method and its options (the options themselves are checked by the call)."""
+    """Meta-layer method and its options: the option names and values are checked here, by
+    the meta-layer's own rules, so that a bad option raises at construction, not at the
+    first call (TypeError for an option the method does not take or of the wrong type,
+    ValueError for a value out of range)."""
     check_choice(where, "method", method, meta_layer.METHODS)
     if method_kwargs is not None and not isinstance(method_kwargs, Mapping):
         raise TypeError(f"{where}: method_kwargs must be a mapping or None; "
                         f"got method_kwargs={method_kwargs!r}")
+    try:
+        meta_layer._check_options(method, dict(method_kwargs or {}))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: method_kwargs={dict(method_kwargs)!r}: {err}") from None
 
 
 def compute_dtype(*dtypes: Any) -> Any:

@@ -20,6 +20,7 @@ def covariance(x: jax.Array, *, eps: float = 0.0) -> jax.Array:
       eps: added to the diagonal.
 
     Returns:
-      (..., d, d) covariance in ``x``'s dtype.
+      (..., d, d) covariance in ``x``'s dtype, float32 for bfloat16/float16 ``x``
+      (``meta_layer.covariance``).
     """
     return meta_layer.covariance(x, layout="features_first", eps=eps)

@@ -20,6 +20,7 @@ from svdcond_jax import meta_layer
 from svdcond_jax.nn import _checks
 from svdcond_jax.nn._covariance import covariance
 from svdcond_jax.nn.orthogonal_layers import SkewOrthogonalConv, SpectralNormConv
+from svdcond_jax.nn.whitening import NONFINITE_BATCHES, finite_or_previous
 
 __all__ = [
     "PRE_SVD_TREATMENTS",
@@ -187,6 +188,17 @@ def covariance_sqrt_features(
     return upper_triangle(root).astype(x.dtype)
 
 
+def check_gcp_batch(where: str, x: Array, *, training: bool) -> None:
+    """At least 2 positions (H*W) per image, and in training at least one image (the
+    BatchNorm statistics of an empty batch are 0/0)."""
+    if x.shape[1] * x.shape[2] < 2:
+        raise ValueError(f"{where}: a covariance needs at least 2 positions (H*W) per "
+                         f"image; got x.shape={x.shape}")
+    if training and x.shape[0] < 1:
+        raise ValueError(f"{where}: batch statistics need at least 1 sample per channel; "
+                         f"got x.shape={x.shape} (0 samples)")
+
+
 def _check_covariance_pooling(where: str, *, dim: Any, method: Any, method_kwargs: Any,
                              pre_svd: Any, momentum: Any, epsilon: Any, dtype: Any,
                              param_dtype: Any) -> None:
@@ -219,6 +231,12 @@ class CovariancePooling(nn.Module):
     input); the covariance and its square root in float32 (float64); the result is in
     ``dtype`` (None: the input's dtype), so bfloat16 in gives bfloat16 out.
 
+    Running statistics: a training batch whose BatchNorm statistics are not finite leaves
+    the BN's running ``mean`` and ``var`` as they were and increments the int32 counter
+    ``batch_stats`` entry ``"nonfinite_batches"`` of this module
+    (``svdcond_jax.nn.whitening.finite_or_previous``), so one NaN batch cannot poison
+    evaluation.
+
     Attributes:
       dim: channels of the reduction conv (256 in the paper), >= 1.
       method: meta-layer method for the square root (``meta_layer.METHODS``).
@@ -233,7 +251,8 @@ class CovariancePooling(nn.Module):
 
     Raises:
       TypeError / ValueError: at construction for a bad attribute (naming it); at call
-        time for a non-floating or non-NHWC ``x``, or fewer than 2 positions per image.
+        time for a non-floating or non-NHWC ``x``, fewer than 2 positions per image, or
+        an empty training batch.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -278,17 +297,26 @@ class CovariancePooling(nn.Module):
             "use_running_average", self.use_running_average, use_running_average)
         where = type(self).__name__
         x = _checks.check_input(where, x, ndim=4, layout="(B, H, W, C)")
-        if x.shape[1] * x.shape[2] < 2:
-            raise ValueError(f"{where}: a covariance needs at least 2 positions (H*W) per "
-                             f"image; got x.shape={x.shape}")
+        check_gcp_batch(where, x, training=not use_running_average)
         cdtype = self.dtype or _checks.compute_dtype(x.dtype)
         y = pre_svd_conv(x, pre_svd=self.pre_svd, features=self.dim, kernel_size=(1, 1),
                          update_stats=not use_running_average, name="pre_svd_conv",
                          dtype=cdtype, param_dtype=self.param_dtype)
-        y = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
-                         epsilon=self.epsilon, axis_name=self.axis_name, dtype=cdtype,
-                         param_dtype=self.param_dtype, name="bn")(y)
-        y = nn.relu(y)
+        count = self.variable("batch_stats", NONFINITE_BATCHES,
+                              lambda: jnp.zeros((), jnp.int32))
+        bn = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
+                          epsilon=self.epsilon, axis_name=self.axis_name, dtype=cdtype,
+                          param_dtype=self.param_dtype, name="bn")
+        guard = not use_running_average and not self.is_initializing()
+        if guard:  # the BN's running statistics before its update (arrays, not a view)
+            previous = {k: bn.get_variable("batch_stats", k) for k in ("mean", "var")}
+        y = nn.relu(bn(y))
+        if guard:
+            kept, count.value = finite_or_previous(
+                {k: bn.get_variable("batch_stats", k) for k in previous}, previous,
+                count.value)
+            for k, v in kept.items():
+                bn.put_variable("batch_stats", k, v)
         # What the meta-layer decomposes: the monitor measures exactly this covariance.
         self.sow("intermediates", "pre_svd_features", y)
         out = covariance_sqrt_features(y, method=self.method, method_kwargs=self.method_kwargs)

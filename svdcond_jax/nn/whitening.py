@@ -25,14 +25,20 @@ from svdcond_jax.nn import _checks
 from svdcond_jax.nn._covariance import covariance
 
 __all__ = [
+    "NONFINITE_BATCHES",
     "DecorrelatedBatchNorm",
     "channel_affine",
     "ema_update",
+    "finite_or_previous",
     "group_moments",
     "initial_zca_statistics",
     "zca_statistics",
     "zca_whiten",
 ]
+
+NONFINITE_BATCHES = "nonfinite_batches"
+"""Name of the running-statistics counter of batches whose statistics were not finite
+(``batch_stats`` entry in Linen, ``nnx.BatchStat`` attribute in NNX)."""
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -53,19 +59,25 @@ def _from_groups(xg: Array, shape: tuple[int, ...]) -> Array:
 
 
 def group_moments(
-    xg: Array, *, epsilon: float, axis_name: str | None = None
+    xg: Array, *, epsilon: float, axis_name: str | None = None,
+    relative_epsilon: bool = False,
 ) -> tuple[Array, Array]:
     """Mean and regularised covariance of grouped features (Eq. 2 plus eps*I).
 
     Without ``axis_name`` this is the centred covariance of Eq. 2. Inside pmap/shard_map
     with ``axis_name`` the first and second moments are averaged over the devices with
     ``lax.pmean`` (all shards must hold the same number of samples), and the covariance is
-    E[x x^T] - mu mu^T + eps*I, i.e. the statistic of the global batch.
+    E[x x^T] - mu mu^T + eps*I, i.e. the statistic of the global batch. With
+    ``relative_epsilon`` the ridge is ``eps * trace(Sigma) / d`` (eps times the mean
+    eigenvalue), so that kappa(Sigma + ridge) does not change when the features are scaled
+    (docs/conditioning.md).
 
     Args:
       xg: features of shape (groups, d, N).
-      epsilon: ridge added to the diagonal.
+      epsilon: ridge added to the diagonal (relative to the mean eigenvalue with
+        ``relative_epsilon``).
       axis_name: mapped axis to average the moments over, or None.
+      relative_epsilon: scale the ridge by trace(Sigma) / d, per group.
 
     Returns:
       ``(mean, cov)`` of shapes (groups, d) and (groups, d, d).
@@ -78,12 +90,16 @@ def group_moments(
     """
     mean = jnp.mean(xg, axis=-1)
     if axis_name is None:
-        return mean, covariance(xg, eps=epsilon)
-    second = jnp.einsum("gdn,gen->gde", xg, xg, precision=_HIGHEST) / xg.shape[-1]
-    mean, second = jax.lax.pmean((mean, second), axis_name)
-    cov = second - mean[..., :, None] * mean[..., None, :]
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    return mean, cov + epsilon * jnp.eye(xg.shape[1], dtype=xg.dtype)
+        cov = covariance(xg)
+    else:
+        second = jnp.einsum("gdn,gen->gde", xg, xg, precision=_HIGHEST) / xg.shape[-1]
+        mean, second = jax.lax.pmean((mean, second), axis_name)
+        cov = second - mean[..., :, None] * mean[..., None, :]
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    ridge = jnp.asarray(epsilon, cov.dtype)
+    if relative_epsilon:
+        ridge = ridge * jnp.trace(cov, axis1=-2, axis2=-1)[..., None, None] / cov.shape[-1]
+    return mean, cov + ridge * jnp.eye(xg.shape[1], dtype=cov.dtype)
 
 
 def zca_statistics(
@@ -94,6 +110,7 @@ def zca_statistics(
     method: str = "eigh",
     method_kwargs: dict[str, Any] | None = None,
     axis_name: str | None = None,
+    relative_epsilon: bool = False,
 ) -> tuple[Array, Array]:
     """Batch mean and ZCA whitening matrix ``(Sigma + eps I)^{-1/2}`` per channel group.
 
@@ -109,6 +126,7 @@ def zca_statistics(
       method: meta-layer method (``meta_layer.METHODS``).
       method_kwargs: options of the method.
       axis_name: mapped axis for global statistics under pmap/shard_map.
+      relative_epsilon: the ridge is eps * trace(Sigma) / d (:func:`group_moments`).
 
     Returns:
       ``(mean, whitening)`` of shapes (C,) and (groups, C/groups, C/groups).
@@ -121,7 +139,8 @@ def zca_statistics(
       [[1.0, 0.0], [0.0, 0.5]]
     """
     channels = x.shape[-1]
-    mean, cov = group_moments(_to_groups(x, groups), epsilon=epsilon, axis_name=axis_name)
+    mean, cov = group_moments(_to_groups(x, groups), epsilon=epsilon, axis_name=axis_name,
+                              relative_epsilon=relative_epsilon)
     whitening = meta_layer.inv_sqrtm(cov, method=method, **(method_kwargs or {}))
     return mean.reshape(channels), whitening
 
@@ -171,6 +190,38 @@ def ema_update(running: Any, batch: Any, momentum: float) -> Any:
         running, batch)
 
 
+def finite_or_previous(new: Any, previous: Any, count: Array) -> tuple[Any, Array]:
+    """Running statistics that a non-finite batch cannot poison.
+
+    ``new`` (the updated running statistics) when every one of its entries is finite, else
+    ``previous`` unchanged, with ``count + 1``: one NaN/Inf training batch would otherwise
+    make an exponential moving average non-finite for good (``optax.apply_if_finite``
+    protects parameters, not statistics). Decided inside the traced computation (one
+    ``jnp.where`` per leaf on a single flag, no host round trip); under pmap/shard_map with
+    ``axis_name`` the statistics, hence the decision, are the same on every device.
+
+    Args:
+      new: the updated running statistics (a pytree of arrays).
+      previous: the running statistics before the update (same structure).
+      count: int32 scalar, batches rejected so far.
+
+    Returns:
+      ``(statistics, count)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> stats, count = finite_or_previous(jnp.array([jnp.nan, 1.0]), jnp.zeros(2),
+      ...                                   jnp.int32(0))
+      >>> stats.tolist(), int(count)
+      ([0.0, 0.0], 1)
+    """
+    leaves = jax.tree.leaves(new)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.array(True)
+    kept = jax.tree.map(lambda n, p: jnp.where(finite, n, p), new, previous)
+    return kept, count + (~finite).astype(count.dtype)
+
+
 def initial_zca_statistics(channels: int, groups: int, dtype: Any) -> tuple[Array, Array]:
     """Running statistics before any update: mean 0 and identity whitening matrices.
 
@@ -217,10 +268,11 @@ def channel_affine(y: Array, scale: Array | None, bias: Array | None) -> Array:
 
 def _check_decorrelated_batch_norm(where: str, *, momentum: Any, epsilon: Any, groups: Any,
                                   method: Any, method_kwargs: Any, dtype: Any,
-                                  param_dtype: Any) -> None:
+                                  param_dtype: Any, relative_epsilon: Any = False) -> None:
     """Static arguments of decorrelated BN (Linen and NNX)."""
     _checks.check_real(where, "momentum", momentum, low=0.0, high=1.0)
     _checks.check_real(where, "epsilon", epsilon, low=0.0)
+    _checks.check_bool(where, "relative_epsilon", relative_epsilon)
     _checks.check_int(where, "groups", groups, 1)
     _checks.check_method(where, method, method_kwargs)
     _checks.check_dtype(where, "dtype", dtype)
@@ -229,16 +281,20 @@ def _check_decorrelated_batch_norm(where: str, *, momentum: Any, epsilon: Any, g
 
 def _check_decorrelated_batch_norm_input(where: str, x: Any, *, groups: int, training: bool,
                                         axis_name: str | None) -> Array:
-    """Input of decorrelated BN: real floating (..., C), C % groups == 0, and in training at
-    least 2 samples per channel (1 per device with ``axis_name``)."""
+    """Input of decorrelated BN: real floating (..., C), C % groups == 0, at least 1 sample
+    per channel (an empty batch raises in evaluation too), and in training at least 2 (1 per
+    device with ``axis_name``)."""
     x = _checks.check_input(where, x, min_ndim=2)
     if x.shape[-1] % groups:
         raise ValueError(f"{where}: groups={groups} must divide the number of channels; "
                          f"got x.shape={x.shape}")
     samples = math.prod(x.shape[:-1])
-    needed = 1 if axis_name is not None else 2
-    if training and samples < needed:
-        raise ValueError(f"{where}: batch statistics need at least {needed} samples per "
+    if training:
+        needed, what = (1 if axis_name is not None else 2), "batch statistics need"
+    else:
+        needed, what = 1, "evaluation (running statistics) needs"
+    if samples < needed:
+        raise ValueError(f"{where}: {what} at least {needed} sample{'s' * (needed > 1)} per "
                          f"channel; got x.shape={x.shape} ({samples} samples)")
     return x
 
@@ -254,18 +310,24 @@ class DecorrelatedBatchNorm(nn.Module):
     follows. The running mean and the running whitening matrix are exponential moving
     averages (:func:`ema_update`: new = momentum*old + (1-momentum)*batch) stored in
     ``batch_stats`` under ``"mean"`` (C,) and ``"whitening"`` (groups, C/groups, C/groups);
-    evaluation computes y = W_running (x - mean_running).
+    evaluation computes y = W_running (x - mean_running). A training batch whose
+    statistics are not finite (a NaN/Inf input, a failed decomposition) leaves both running
+    statistics as they were and increments the int32 counter ``batch_stats`` entry
+    ``"nonfinite_batches"`` (:func:`finite_or_previous`), so one bad batch cannot poison
+    evaluation, also in a loop that takes ``batch_stats`` from ``mutable=`` unconditionally.
 
     dtypes: statistics and whitening are computed in float32 (float64 for float64 input),
     also for bfloat16/float16 input; the result is in ``dtype`` (None: the input's dtype).
     Integer, bool and complex inputs raise TypeError. Values: a NaN/inf anywhere in a
-    training batch makes the whole output NaN (the statistics are shared); in evaluation it
-    stays in its own sample.
+    training batch makes the whole output NaN (the statistics are shared) and is counted,
+    not averaged in (above); in evaluation it stays in its own sample.
 
     Attributes:
       use_running_average: evaluate with running statistics (may be given at call time).
       momentum: EMA decay of the running statistics, in [0, 1] (0.9 = PyTorch momentum 0.1).
       epsilon: eps*I >= 0 added to the covariance (1e-2 in the paper's experiment).
+      relative_epsilon: add eps * trace(Sigma) / d instead (eps times the mean
+        eigenvalue), which does not follow the features' scale (docs/conditioning.md).
       groups: number of channel groups whitened separately (C % groups must be 0).
       method: meta-layer method, one of ``meta_layer.METHODS``.
       method_kwargs: extra options for the meta-layer method.
@@ -281,7 +343,7 @@ class DecorrelatedBatchNorm(nn.Module):
     Raises:
       TypeError / ValueError: at construction for a bad attribute (naming it); at call
         time for a non-floating ``x``, fewer than 2 dims, channels not divisible by
-        ``groups``, or a training batch of fewer than 2 samples.
+        ``groups``, an empty batch, or a training batch of fewer than 2 samples.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -296,6 +358,7 @@ class DecorrelatedBatchNorm(nn.Module):
     use_running_average: bool | None = None
     momentum: float = 0.9
     epsilon: float = 1e-2
+    relative_epsilon: bool = False
     groups: int = 1
     method: str = "eigh"
     method_kwargs: dict[str, Any] | None = None
@@ -311,7 +374,8 @@ class DecorrelatedBatchNorm(nn.Module):
         _check_decorrelated_batch_norm(
             type(self).__name__, momentum=self.momentum, epsilon=self.epsilon,
             groups=self.groups, method=self.method, method_kwargs=self.method_kwargs,
-            dtype=self.dtype, param_dtype=self.param_dtype)
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            relative_epsilon=self.relative_epsilon)
         super().__post_init__()
 
     @nn.compact
@@ -337,16 +401,21 @@ class DecorrelatedBatchNorm(nn.Module):
         initial = initial_zca_statistics(x.shape[-1], self.groups, cdtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: initial[0])
         ra_whitening = self.variable("batch_stats", "whitening", lambda: initial[1])
+        ra_count = self.variable("batch_stats", NONFINITE_BATCHES,
+                                 lambda: jnp.zeros((), jnp.int32))
         xc = x.astype(cdtype)
         if use_running_average:
             mean, whitening = ra_mean.value, ra_whitening.value
         else:
             mean, whitening = zca_statistics(
                 xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
-                method_kwargs=self.method_kwargs, axis_name=self.axis_name)
+                method_kwargs=self.method_kwargs, axis_name=self.axis_name,
+                relative_epsilon=self.relative_epsilon)
             if not self.is_initializing():
-                ra_mean.value, ra_whitening.value = ema_update(
-                    (ra_mean.value, ra_whitening.value), (mean, whitening), self.momentum)
+                previous = (ra_mean.value, ra_whitening.value)
+                (ra_mean.value, ra_whitening.value), ra_count.value = finite_or_previous(
+                    ema_update(previous, (mean, whitening), self.momentum), previous,
+                    ra_count.value)
         y = zca_whiten(xc, mean.astype(cdtype), whitening.astype(cdtype))
         channels = (x.shape[-1],)
         scale = (self.param("scale", self.scale_init, channels, self.param_dtype)

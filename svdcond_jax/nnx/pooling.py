@@ -16,6 +16,7 @@ from flax import nnx
 
 from svdcond_jax.nn import _checks
 from svdcond_jax.nn import pooling as _pool
+from svdcond_jax.nn import whitening as _wh
 from svdcond_jax.nnx.orthogonal_layers import SkewOrthogonalConv, SpectralNormConv
 
 __all__ = ["CovariancePooling", "apply_pre_svd_conv", "pre_svd_conv"]
@@ -121,10 +122,14 @@ class CovariancePooling(nnx.Module):
     a training call also updates the power-iteration vectors of "sn"/"ow". dtypes: conv and
     BN compute in ``dtype`` (None: float32, float64 for float64 input), the covariance and
     square root in float32 (float64), and the result is in ``dtype`` (None: the input's).
+    A training batch whose BatchNorm statistics are not finite leaves ``bn.mean`` and
+    ``bn.var`` as they were and increments ``nonfinite_batches``.
 
     Attributes:
       pre_svd_conv: the Pre-SVD conv module (its ``kernel`` is the Pre-SVD parameter).
       bn: the ``nnx.BatchNorm``.
+      nonfinite_batches: ``nnx.BatchStat`` int32 scalar, training batches whose BatchNorm
+        statistics were not finite (kept out of ``bn``'s running statistics).
 
     Args:
       in_features: input channels (>= 1).
@@ -142,8 +147,8 @@ class CovariancePooling(nnx.Module):
 
     Raises:
       TypeError / ValueError: at construction for a bad argument (naming it); at call time
-        for a non-floating or non-NHWC ``x``, the wrong channel count, or fewer than 2
-        positions per image.
+        for a non-floating or non-NHWC ``x``, the wrong channel count, fewer than 2
+        positions per image, or an empty training batch.
 
     Example:
       >>> import jax.numpy as jnp
@@ -178,6 +183,7 @@ class CovariancePooling(nnx.Module):
                                          param_dtype=param_dtype, rngs=rngs)
         self.bn = nnx.BatchNorm(dim, momentum=momentum, epsilon=epsilon, axis_name=axis_name,
                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.nonfinite_batches = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.in_features, self.dim = in_features, dim
         self.method, self.method_kwargs = method, method_kwargs
         self.use_running_average = use_running_average
@@ -200,13 +206,17 @@ class CovariancePooling(nnx.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{where}: expected {self.in_features} input channels; "
                              f"got x.shape={x.shape}")
-        if x.shape[1] * x.shape[2] < 2:
-            raise ValueError(f"{where}: a covariance needs at least 2 positions (H*W) per "
-                             f"image; got x.shape={x.shape}")
+        _pool.check_gcp_batch(where, x, training=not use_running_average)
         cdtype = self.dtype or _checks.compute_dtype(x.dtype)
         y = apply_pre_svd_conv(self.pre_svd_conv, x.astype(cdtype),
                                update_stats=not use_running_average)
-        return nnx.relu(self.bn(y, use_running_average=use_running_average))
+        previous = (self.bn.mean[...], self.bn.var[...])
+        y = self.bn(y, use_running_average=use_running_average)
+        if not use_running_average:
+            (self.bn.mean[...], self.bn.var[...]), self.nonfinite_batches[...] = (
+                _wh.finite_or_previous((self.bn.mean[...], self.bn.var[...]), previous,
+                                       self.nonfinite_batches[...]))
+        return nnx.relu(y)
 
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         """Pool NHWC features.

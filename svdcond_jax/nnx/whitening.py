@@ -35,7 +35,11 @@ class DecorrelatedBatchNorm(nnx.Module):
     evaluation the running statistics are used; a per-channel affine follows. Statistics are
     computed in float32 (float64 for float64 input) also for bfloat16/float16 input; the
     result is in ``dtype`` (None: the input's dtype). Integer, bool and complex inputs raise
-    TypeError; a NaN/inf in a training batch makes the whole output NaN.
+    TypeError; a NaN/inf in a training batch makes the whole output NaN. A training batch
+    whose statistics are not finite leaves the running mean and whitening matrix as they
+    were and increments ``nonfinite_batches`` (``svdcond_jax.nn.whitening
+    .finite_or_previous``): ``optax.apply_if_finite`` or ``nnx.Optimizer`` protect the
+    parameters, this protects the statistics.
 
     Like ``nnx.BatchNorm``: ``use_running_average`` is set by the constructor (default
     False), switched by ``model.train()`` / ``model.eval()`` and overridable per call.
@@ -44,6 +48,8 @@ class DecorrelatedBatchNorm(nnx.Module):
       mean: ``nnx.BatchStat`` (num_features,), the running mean.
       whitening: ``nnx.BatchStat`` (groups, d, d), d = num_features / groups, the running
         whitening matrix (identity at construction).
+      nonfinite_batches: ``nnx.BatchStat`` int32 scalar, training batches whose statistics
+        were not finite (kept out of the running statistics).
       scale, bias: ``nnx.Param`` (num_features,) or None.
 
     Args:
@@ -51,6 +57,7 @@ class DecorrelatedBatchNorm(nnx.Module):
       use_running_average: evaluation mode.
       momentum: EMA decay of the running statistics, in [0, 1].
       epsilon: eps >= 0 added to the covariance.
+      relative_epsilon: add eps * trace(Sigma) / d instead (scale-free, Linen's docs).
       groups: channel groups whitened separately.
       method: meta-layer method (``meta_layer.METHODS``).
       method_kwargs: options of the method.
@@ -66,8 +73,8 @@ class DecorrelatedBatchNorm(nnx.Module):
 
     Raises:
       TypeError / ValueError: at construction for a bad argument (naming it); at call time
-        for a non-floating ``x``, the wrong channel count, or a training batch of fewer
-        than 2 samples.
+        for a non-floating ``x``, the wrong channel count, an empty batch, or a training
+        batch of fewer than 2 samples.
 
     Example:
       >>> import jax
@@ -85,6 +92,7 @@ class DecorrelatedBatchNorm(nnx.Module):
         use_running_average: bool | None = False,
         momentum: float = 0.9,
         epsilon: float = 1e-2,
+        relative_epsilon: bool = False,
         groups: int = 1,
         method: str = "eigh",
         method_kwargs: dict[str, Any] | None = None,
@@ -101,7 +109,8 @@ class DecorrelatedBatchNorm(nnx.Module):
         _checks.check_int(where, "num_features", num_features, 1)
         _wh._check_decorrelated_batch_norm(
             where, momentum=momentum, epsilon=epsilon, groups=groups, method=method,
-            method_kwargs=method_kwargs, dtype=dtype, param_dtype=param_dtype)
+            method_kwargs=method_kwargs, dtype=dtype, param_dtype=param_dtype,
+            relative_epsilon=relative_epsilon)
         if num_features % groups:
             raise ValueError(f"{where}: groups={groups} must divide "
                              f"num_features={num_features}")
@@ -109,6 +118,7 @@ class DecorrelatedBatchNorm(nnx.Module):
                                                      _checks.compute_dtype(param_dtype))
         self.mean = nnx.BatchStat(mean)
         self.whitening = nnx.BatchStat(whitening)
+        self.nonfinite_batches = nnx.BatchStat(jnp.zeros((), jnp.int32))
         shape = (num_features,)
         self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale \
             else None
@@ -117,6 +127,7 @@ class DecorrelatedBatchNorm(nnx.Module):
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.momentum, self.epsilon, self.groups = momentum, epsilon, groups
+        self.relative_epsilon = relative_epsilon
         self.method, self.method_kwargs, self.axis_name = method, method_kwargs, axis_name
         self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -147,9 +158,13 @@ class DecorrelatedBatchNorm(nnx.Module):
         else:
             mean, whitening = _wh.zca_statistics(
                 xc, epsilon=self.epsilon, groups=self.groups, method=self.method,
-                method_kwargs=self.method_kwargs, axis_name=self.axis_name)
-            self.mean[...], self.whitening[...] = _wh.ema_update(
-                (self.mean[...], self.whitening[...]), (mean, whitening), self.momentum)
+                method_kwargs=self.method_kwargs, axis_name=self.axis_name,
+                relative_epsilon=self.relative_epsilon)
+            previous = (self.mean[...], self.whitening[...])
+            (self.mean[...], self.whitening[...]), self.nonfinite_batches[...] = (
+                _wh.finite_or_previous(_wh.ema_update(previous, (mean, whitening),
+                                                      self.momentum),
+                                       previous, self.nonfinite_batches[...]))
         y = _wh.zca_whiten(xc, mean.astype(cdtype), whitening.astype(cdtype))
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]

@@ -33,6 +33,38 @@ Why a digest of the restored arrays (not of the files): it checks exactly what t
 will continue from, whatever orbax's file layout (OCDBT, compression) is, and costs one
 host pass over the state per checkpoint.
 
+What the plain digest protects against, and what not. It catches accidental damage: a
+disk or network file system that truncates, garbles or loses files, a copy interrupted
+half-way, a flipped bit. It cannot catch deliberate tampering: anyone who can write the
+workdir can replace the arrays with other finite values and write a matching
+``integrity.json`` (the SHA-256 is public arithmetic), and the run resumes from them.
+
+Keyed digest (authentication). With a secret key, :meth:`Checkpointer.save` also records
+``hmac_sha256``, an HMAC-SHA256 under that key of the step, the arrays' SHA-256, their
+structure and ``extra`` (:func:`keyed_digest`); without the key nobody can write a record
+that verifies, so a checkpoint on a shared or untrusted file system cannot be swapped
+unnoticed. The key comes from the environment of every process (:func:`checkpoint_key`):
+``SVDCOND_CHECKPOINT_KEY`` (the key itself) or ``SVDCOND_CHECKPOINT_KEY_FILE`` (a file
+holding it; it must lie outside the workdir, where whoever rewrites checkpoints could read
+it). What a keyed run does with each checkpoint, newest first:
+
+* arrays that match the record's SHA-256 and an HMAC that verifies: restored
+  (``Restored.authenticated``);
+* arrays that do not restore, do not match the SHA-256, or are non-finite: damaged, moved
+  to ``checkpoints_damaged/``, the next older one is tried (as without a key);
+* no ``integrity.json`` (a kill between orbax's commit and the record, or a deleted
+  record): not authenticated, so treated like a damaged one (moved aside, the older one
+  is tried) - never restored;
+* a record without ``hmac_sha256`` (written without a key) or with one that does not
+  verify (the record was rewritten, or another key wrote it):
+  :class:`CheckpointAuthenticationError`, nothing is moved and nothing restored; to resume
+  such a run, set the key that wrote it, or unset the key to accept unkeyed checkpoints.
+
+A run without a key restores a keyed checkpoint by its SHA-256 alone and logs that it was
+not authenticated. The HMAC binds the checkpoint's content to its step, not to its run:
+two runs sharing a key can be swapped for each other (use one key per run to rule that
+out).
+
 Example:
     >>> import tempfile, jax.numpy as jnp
     >>> from svdcond_jax.training.checkpointing import Checkpointer, restore_latest
@@ -50,11 +82,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -66,6 +99,8 @@ from svdcond_jax.training.state import TrainState
 _FIELDS = ("step", "params", "batch_stats", "opt_state", "svd_failures")
 INTEGRITY_FILE = "integrity.json"
 DAMAGED_DIR = "checkpoints_damaged"
+ENV_KEY = "SVDCOND_CHECKPOINT_KEY"
+ENV_KEY_FILE = "SVDCOND_CHECKPOINT_KEY_FILE"
 _FORMAT = 1
 
 log = logging.getLogger(__name__)
@@ -73,6 +108,71 @@ log = logging.getLogger(__name__)
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for another state structure (another model or method)."""
+
+
+class CheckpointAuthenticationError(ValueError):
+    """A keyed run found a checkpoint whose record it cannot authenticate (no HMAC, or one
+    that does not verify under its key)."""
+
+
+def checkpoint_key(workdir: str, env: Mapping[str, str] | None = None) -> bytes | None:
+    """The secret key of keyed checkpoint records, from the environment; None: no key.
+
+    ``SVDCOND_CHECKPOINT_KEY`` holds the key itself (its UTF-8 bytes);
+    ``SVDCOND_CHECKPOINT_KEY_FILE`` names a file holding it (its bytes, surrounding
+    whitespace such as a final newline removed). Set at most one, on every process.
+
+    Args:
+        workdir: the run's workdir (the key file must lie outside it).
+        env: the environment to read (default ``os.environ``).
+
+    Returns:
+        The key, or None when neither variable is set (or both are empty).
+
+    Raises:
+        ValueError: both variables set, a key file that cannot be read, is empty or lies
+            inside ``workdir``.
+
+    Example:
+        >>> checkpoint_key("/tmp/run", {"SVDCOND_CHECKPOINT_KEY": "s3cret"})
+        b's3cret'
+        >>> checkpoint_key("/tmp/run", {}) is None
+        True
+    """
+    env = os.environ if env is None else env
+    value, path = env.get(ENV_KEY) or None, env.get(ENV_KEY_FILE) or None
+    if value is not None and path is not None:
+        raise ValueError(f"both {ENV_KEY} and {ENV_KEY_FILE} are set: set one of them")
+    if value is not None:
+        return value.encode()
+    if path is None:
+        return None
+    real, root = os.path.realpath(path), os.path.realpath(workdir)
+    if os.path.commonpath([real, root]) == root:
+        raise ValueError(f"{ENV_KEY_FILE}={path!r} lies inside the workdir {workdir!r}: "
+                         "whoever can rewrite the checkpoints could read the key there; "
+                         "keep the key file outside the workdir")
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"{ENV_KEY_FILE}={path!r} cannot be read: {e}") from None
+    if not key:
+        raise ValueError(f"{ENV_KEY_FILE}={path!r} is empty")
+    return key
+
+
+def keyed_digest(key: bytes, record: Mapping[str, Any]) -> str:
+    """HMAC-SHA256 (hex) under ``key`` of a record's step, SHA-256, structure and extra.
+
+    Example:
+        >>> record = {"step": 2, "sha256": "ab", "arrays": [], "extra": {}}
+        >>> keyed_digest(b"k", record) == keyed_digest(b"k", {**record, "step": 3})
+        False
+    """
+    message = json.dumps({k: record.get(k) for k in ("step", "sha256", "arrays", "extra")},
+                         sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
@@ -158,10 +258,19 @@ def _sync(name: str) -> None:
 class Checkpointer:
     """``orbax.checkpoint.CheckpointManager`` (one StandardSave item) + integrity records."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 2) -> None:
-        """Opens (creating) ``workdir/checkpoints``."""
+    def __init__(self, workdir: str, *, max_to_keep: int = 2, key: bytes | None = None
+                 ) -> None:
+        """Opens (creating) ``workdir/checkpoints``.
+
+        Args:
+            workdir: the run's directory.
+            max_to_keep: checkpoints kept.
+            key: secret key of keyed records; None reads :func:`checkpoint_key` (the
+                environment), which may also give None: plain SHA-256 records only.
+        """
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
+        self.key = key if key is not None else checkpoint_key(self.workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         # One fixed item handler: a manager left to infer its items from what it reads
         # switches to multi-item mode on an empty step directory and then refuses every
@@ -196,6 +305,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             record = {"format": _FORMAT, "step": int(step), "sha256": digest,
                       "arrays": tree_structure(tree), "extra": dict(extra or {})}
+            if self.key is not None:
+                record["hmac_sha256"] = keyed_digest(self.key, record)
             path = os.path.join(self.directory, str(step), INTEGRITY_FILE)
             with open(path + ".tmp", "w") as f:
                 json.dump(record, f)
@@ -294,12 +405,14 @@ class Restored:
         verified: True when its SHA-256 record matched; False for a checkpoint without a
             record (accepted because it restored and all its arrays are finite).
         extra: the ``extra`` given to :meth:`Checkpointer.save` ({} without a record).
+        authenticated: True when its keyed digest (HMAC) verified under the run's key.
     """
 
     step: int
     tree: Any
     verified: bool
     extra: dict[str, Any]
+    authenticated: bool = False
 
 
 Legacy = tuple[Any, Callable[[Any], Any]]
@@ -349,7 +462,38 @@ def _try_restore(ckpt: Checkpointer, step: int, target: Any, legacy: Legacy | No
     problem = verify(tree, record)
     if problem:
         raise ValueError(problem)
+    if ckpt.key is not None:
+        _authenticate(ckpt.key, step, record)
+    elif record is not None and "hmac_sha256" in record:
+        log.warning("checkpoint %d was saved with a keyed digest, but no key is set (%s or "
+                    "%s): checked against its SHA-256 only (accidental damage), not "
+                    "authenticated", step, ENV_KEY, ENV_KEY_FILE)
     return tree, record, note
+
+
+def _authenticate(key: bytes, step: int, record: dict[str, Any] | None) -> None:
+    """Raises unless ``record`` carries a keyed digest that verifies under ``key``.
+
+    Raises:
+        ValueError: no record at all (handled as a damaged checkpoint: moved aside).
+        CheckpointAuthenticationError: a record without a keyed digest, or a wrong one.
+    """
+    if record is None:
+        raise ValueError(f"no {INTEGRITY_FILE}, so it cannot be authenticated with the key")
+    mac = record.get("hmac_sha256")
+    if mac is None:
+        raise CheckpointAuthenticationError(
+            f"checkpoint {step} has no keyed digest (hmac_sha256): it was written without a "
+            f"key, or its {INTEGRITY_FILE} was rewritten; a run with a key ({ENV_KEY} or "
+            f"{ENV_KEY_FILE}) restores only checkpoints written with that key. To resume it "
+            "anyway, unset the key (its SHA-256 is then checked, which detects accidental "
+            "damage only); nothing was moved")
+    if (not isinstance(mac, str) or not hmac.compare_digest(mac, keyed_digest(key, record))
+            or record.get("step") != step):  # the step is authenticated: no swapped steps
+        raise CheckpointAuthenticationError(
+            f"checkpoint {step}'s keyed digest (hmac_sha256) does not verify under this key: "
+            f"its arrays or {INTEGRITY_FILE} were rewritten after it was saved, or another "
+            "key wrote it; it is not restored and nothing was moved")
 
 
 def restore_latest(ckpt: Checkpointer, target: Any, *, legacy: Legacy | None = None
@@ -373,12 +517,14 @@ def restore_latest(ckpt: Checkpointer, target: Any, *, legacy: Legacy | None = N
     Raises:
         CheckpointMismatchError: a checkpoint's record (or, without one, orbax's metadata)
             describes another state structure; nothing is moved.
+        CheckpointAuthenticationError: with a key, a checkpoint whose record has no keyed
+            digest or a wrong one; nothing is moved.
     """
     steps = ckpt.all_steps()
     for step in reversed(steps):
         try:
             tree, record, note = _try_restore(ckpt, step, target, legacy)
-        except CheckpointMismatchError:
+        except (CheckpointMismatchError, CheckpointAuthenticationError):
             raise
         except ValueError as e:
             moved = ckpt.quarantine(step)
@@ -392,7 +538,8 @@ def restore_latest(ckpt: Checkpointer, target: Any, *, legacy: Legacy | None = N
             log.warning("checkpoint %d has no %s (written by an earlier version, or the run "
                         "was killed right after orbax committed it): accepted because it "
                         "restores and all its arrays are finite%s", step, INTEGRITY_FILE, note)
-        return Restored(step, tree, record is not None, dict((record or {}).get("extra", {})))
+        return Restored(step, tree, record is not None, dict((record or {}).get("extra", {})),
+                        authenticated=ckpt.key is not None)
     return None
 
 

@@ -23,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -43,9 +46,18 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # --- data ---------------------------------------------------------------------------
     config.dataset = "digits"  # "digits" | "cifar10" | "cifar100" | "imagenet2012"
-    # tfds data_dir (ImageNet: manual_dir is <data_dir>/downloads/manual). A str placeholder
-    # (value None) so that `--config.data_dir=DIR` can set it (ml_collections config_flags).
+    # Where CIFAR comes from: "archive" (the original Python archive in data_dir, NumPy
+    # only), "tfds" (TFDS files, needs TensorFlow), "auto" (the archive if data_dir holds
+    # one, else TFDS). digits is embedded; ImageNet is TFDS only.
+    config.data_source = "auto"
+    # The CIFAR archive's or TFDS's data_dir (ImageNet: manual_dir is
+    # <data_dir>/downloads/manual). A str placeholder (value None) so that
+    # `--config.data_dir=DIR` can set it (ml_collections config_flags).
     config.data_dir = ml_collections.config_dict.placeholder(str)
+    # digits only: 0 = the fixed 1,497/300 hold-out; k >= 2 = k-fold cross-validation over
+    # all 1,797 images, fold cv_fold validating (input_pipeline.digits_arrays)
+    config.cv_folds = 0
+    config.cv_fold = 0
     config.image_size = -1  # -1: dataset default (digits 16, cifar 32, imagenet 224)
     config.max_train_examples = -1  # -1 = all; >0 takes the first N (demo / tests)
     config.max_eval_examples = -1
@@ -57,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = "svd"  # one of svdcond_jax.training.methods.METHODS
     config.task = "auto"  # "dbn" (whitening stem) | "gcp" (covariance head) | "auto"
     config.dbn_eps = 1e-2  # eps*I of decorrelated BN (Appendix B.1)
+    # True: the ridge is dbn_eps * trace(P) / d (scale-free; docs/conditioning.md)
+    config.dbn_eps_relative = False
     config.dbn_groups = 1
     config.gcp_dim = 256  # channels of the GCP 1x1 Pre-SVD conv (Appendix B.2)
     config.ns_iters = 5  # Newton-Schulz iterations of the "newton_schulz" method
@@ -101,6 +115,58 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallel = "jit"  # "jit" (Mesh + NamedSharding) | "pmap"
     config.prefetch = 2  # batches placed on the devices ahead of the step
     return config
+
+
+def config_with(**overrides: Any) -> ml_collections.ConfigDict:
+    """:func:`get_config` with ``overrides`` applied (the experiment configs' base).
+
+    Raises:
+        ValueError: for a field the default config does not have.
+    """
+    config = get_config()
+    for key, value in overrides.items():
+        if key not in config:
+            raise ValueError(f"the default config has no field {key!r}")
+        config[key] = value
+    return config
+
+
+def runlocal(config: ml_collections.ConfigDict, **overrides: Any
+             ) -> ml_collections.ConfigDict:
+    """Shrinks ``config`` in place to a tiny local run (a few steps on a small subset),
+    then applies ``overrides``; returns it."""
+    config.update(dict(num_train_steps=4, batch_size=8, eval_batch_size=16,
+                       max_train_examples=64, max_eval_examples=32, monitor_every_steps=2,
+                       log_every_steps=2, progress_bar=False))
+    config.update(overrides)
+    return config
+
+
+def load_config_file(path: str | Path) -> ModuleType:
+    """Imports an experiment config file by path, as ml_collections' ``config_flags`` does.
+
+    Config files load each other through it (``load_config_file(Path(__file__).with_name(
+    "digits_demo.py"))``), so they work from a checkout and from the installed package
+    alike.
+
+    Args:
+        path: a Python file defining ``get_config``.
+
+    Returns:
+        The module.
+
+    Raises:
+        ValueError: if the file does not exist or defines no ``get_config``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r} is not a file")
+    spec = importlib.util.spec_from_file_location(f"_experiment_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config={str(path)!r} defines no get_config()")
+    return module
 
 
 Rule = Callable[[Any], str | None]  # value -> what it must be, or None when it is valid
@@ -168,9 +234,15 @@ def _epochs(v: Any) -> str | None:
 
 
 def _datasets() -> Sequence[str]:
-    from svdcond_jax.training.input_pipeline import DATASETS  # tensorflow: imported lazily
+    from svdcond_jax.training.input_pipeline import DATASETS
 
     return DATASETS
+
+
+def _data_sources() -> Sequence[str]:
+    from svdcond_jax.training.input_pipeline import DATA_SOURCES
+
+    return DATA_SOURCES
 
 
 def _method(v: Any) -> str | None:
@@ -224,7 +296,10 @@ def _model(v: Any) -> str | None:
 
 RULES: dict[str, Rule] = {
     "dataset": _one_of(_datasets),
+    "data_source": _one_of(_data_sources),
     "data_dir": _optional_path,
+    "cv_folds": _int(0),
+    "cv_fold": _int(0),
     "image_size": _int(1, or_minus_one=True),
     "max_train_examples": _int(1, or_minus_one=True),
     "max_eval_examples": _int(1, or_minus_one=True),
@@ -235,6 +310,7 @@ RULES: dict[str, Rule] = {
     "method": _method,
     "task": _one_of(_tasks),
     "dbn_eps": _number(0.0, low_open=True),  # eps*I makes the singular stem covariance PD
+    "dbn_eps_relative": _bool,
     "dbn_groups": _int(1),
     "gcp_dim": _int(1),
     "ns_iters": _int(1),
@@ -277,10 +353,11 @@ def validate_config(config: Any) -> None:
     rate and ``dbn_eps`` are finite and > 0; ``momentum`` is in [0, 1); ``lr_decay`` in
     (0, 1]; weight decays and ``ol_coeff`` are finite and >= 0; the AdamW and Muon rates
     are finite and > 0; ``lr_boundaries_epochs`` are increasing epochs >= 1; names
-    (dataset, model, method with its optional ``@<optimizer>``, task, optimizer,
-    polar_method, prng_impl, parallel) are known; flags are bools; ``seed`` is in
+    (dataset, data_source, model, method with its optional ``@<optimizer>``, task,
+    optimizer, polar_method, prng_impl, parallel) are known; flags are bools; ``seed`` is in
     [0, 2**32 - 1]. Across fields: ``max_train_examples`` (when set) is at least
-    ``batch_size`` (else an epoch has no batch); the method and the optimizer combine
+    ``batch_size`` (else an epoch has no batch); ``cv_folds`` is 0 or >= 2, only for
+    digits, and ``cv_fold < cv_folds``; the method and the optimizer combine
     (``methods.resolve_optimizer``: ``muon``/``nog``/``nog+olr`` already treat the Pre-SVD
     kernel, so not with ``+nog``/``+olr``). Fields the defaults do not have are rejected (a
     typo would be ignored).
@@ -298,6 +375,14 @@ def validate_config(config: Any) -> None:
     for key, rule in RULES.items():
         if key in keys and (need := rule(config[key])) is not None:
             errors.append(f"  config.{key}={config[key]!r}: must be {need}")
+    if not errors and config["cv_folds"] == 1:
+        errors.append("  config.cv_folds=1: must be 0 (fixed hold-out) or >= 2 folds")
+    if not errors and config["cv_folds"] and not config["cv_fold"] < config["cv_folds"]:
+        errors.append(f"  config.cv_fold={config['cv_fold']!r}: must be < config.cv_folds="
+                      f"{config['cv_folds']!r}")
+    if not errors and config["cv_folds"] and config["dataset"] != "digits":
+        errors.append(f"  config.cv_folds={config['cv_folds']!r}: cross-validation folds "
+                      f"are for dataset='digits' (got {config['dataset']!r})")
     if not errors and 0 < config["max_train_examples"] < config["batch_size"]:
         errors.append(f"  config.max_train_examples={config['max_train_examples']!r} is "
                       f"smaller than config.batch_size={config['batch_size']!r}: an epoch "

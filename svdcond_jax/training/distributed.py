@@ -9,6 +9,14 @@ successful call is checked (``jax.process_count()`` must equal the requested cou
 run never falls back to one process silently. On a CPU backend, cross-process collectives
 need an implementation; gloo (shipped with jaxlib) is selected unless the user chose one.
 
+Before ``jax.distributed.initialize`` the processes meet in a short handshake on the
+coordinator's port (``training.rendezvous``): a port held by another program, a process
+that failed before joining (:func:`report_failure`, e.g. on a bad flag) or went away, and
+a process that never comes end the start on every process with a :class:`StartError`
+naming the port or the process, within seconds (the last after the timeout,
+``SVDCOND_JAX_INIT_TIMEOUT_S``, 300 s by default), instead of a silent wait and a C++
+abort.
+
 Example:
     >>> from svdcond_jax.training.distributed import resolve
     >>> resolve(env={}) is None  # nothing given: one process
@@ -26,10 +34,17 @@ from collections.abc import Mapping
 
 import jax
 
+from svdcond_jax.training import rendezvous
+from svdcond_jax.training.rendezvous import StartError
+
+__all__ = ["DistributedSpec", "StartError", "initialize", "report_failure", "resolve"]
+
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_HEARTBEAT = "SVDCOND_JAX_HEARTBEAT_TIMEOUT_S"
+ENV_INIT_TIMEOUT = "SVDCOND_JAX_INIT_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = 300  # jax's own default initialization_timeout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +115,33 @@ def resolve(coordinator_address: str | None = None, num_processes: int | str | N
     return DistributedSpec(address, count, index)
 
 
+def _init_timeout(timeout_s: int | str | None) -> int:
+    """``timeout_s``, else ``SVDCOND_JAX_INIT_TIMEOUT_S``, else 300 s; at least 1 s."""
+    value = _as_int("timeout_s", timeout_s if timeout_s is not None
+                    else os.environ.get(ENV_INIT_TIMEOUT))
+    if value is not None and value < 1:
+        raise ValueError(f"the initialization timeout must be >= 1 s; got {value} "
+                         f"(timeout_s or {ENV_INIT_TIMEOUT})")
+    return DEFAULT_INIT_TIMEOUT_S if value is None else value
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | str | None = None,
-               process_id: int | str | None = None, *, timeout_s: int = 300,
+               process_id: int | str | None = None, *, timeout_s: int | None = None,
                heartbeat_timeout_s: int | None = None) -> DistributedSpec | None:
     """Connects this process to the others (``jax.distributed.initialize``) when asked to.
 
     Call it before any other jax call that touches devices. See :func:`resolve` for how
-    flags and environment combine. A second call with the same spec is a no-op.
+    flags and environment combine. A second call with the same spec is a no-op. First
+    the processes meet in the start handshake (``training.rendezvous``): process 0 binds
+    the coordinator port and waits for every other process to say it is ready; only then
+    does it start jax's coordination service there.
 
     Args:
         coordinator_address: "host:port" of process 0, or None (environment).
         num_processes: total process count, or None (environment).
         process_id: this process's index, or None (environment).
-        timeout_s: how long to wait for the other processes to connect.
+        timeout_s: how long to wait for the other processes to join (the handshake, then
+            jax's own connection). None reads ``SVDCOND_JAX_INIT_TIMEOUT_S``, else 300 s.
         heartbeat_timeout_s: after how long without a heartbeat a process counts as dead;
             then the coordination service fails every other process (they exit with an
             error instead of waiting forever in a collective). None reads
@@ -122,27 +151,80 @@ def initialize(coordinator_address: str | None = None, num_processes: int | str 
         The spec, or None when running as one process.
 
     Raises:
-        ValueError: see :func:`resolve`.
+        ValueError: see :func:`resolve`; a timeout below 1 s.
+        StartError: (a RuntimeError) the coordinator port is held by another program
+            (process 0: at once, naming the port; the others: another program answers
+            there, or nobody does within the timeout), a process reported that it failed
+            before joining or went away (every process: naming it), the processes disagree
+            on the count or two share an id, or not all joined within the timeout.
         RuntimeError: jax reports a process count other than the requested one.
     """
     spec = resolve(coordinator_address, num_processes, process_id)
     if spec is None:
         return None
     if not jax.distributed.is_initialized():
+        timeout = _init_timeout(timeout_s)
+        heartbeat = _as_int("heartbeat_timeout_s", heartbeat_timeout_s
+                            if heartbeat_timeout_s is not None else os.environ.get(ENV_HEARTBEAT))
+        if spec.process_id == 0:
+            rendezvous.serve(spec.coordinator_address, spec.num_processes, timeout)
+        else:
+            rendezvous.join(spec.coordinator_address, spec.num_processes, spec.process_id,
+                            timeout)
         if not jax.config.jax_cpu_collectives_implementation:
             # CPU devices of different processes talk through gloo; harmless on accelerators.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        heartbeat = _as_int("heartbeat_timeout_s", heartbeat_timeout_s
-                            if heartbeat_timeout_s is not None else os.environ.get(ENV_HEARTBEAT))
         kwargs = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
         jax.distributed.initialize(spec.coordinator_address, spec.num_processes,
-                                   spec.process_id, initialization_timeout=timeout_s, **kwargs)
+                                   spec.process_id, initialization_timeout=timeout, **kwargs)
     _exit_on_uncaught_exception()
     if jax.process_count() != spec.num_processes or jax.process_index() != spec.process_id:
         raise RuntimeError(
             f"jax.distributed reports process {jax.process_index()} of {jax.process_count()}, "
             f"but process {spec.process_id} of {spec.num_processes} was requested")
     return spec
+
+
+def report_failure(message: str, coordinator_address: str | None = None,
+                   num_processes: int | str | None = None, process_id: int | str | None = None,
+                   *, timeout_s: int | None = None) -> bool:
+    """Tells the other processes that this one failed before joining (e.g. a bad flag).
+
+    For a process that cannot go on to :func:`initialize`: with a multi-process
+    specification (flags or environment, as in :func:`resolve`) it prints ``message`` to
+    stderr at once, then a process > 0 tells process 0, which stops every process with an
+    error naming this one and carrying ``message``; process 0 tells every process that
+    connects. It waits for them up to the initialization timeout (``timeout_s``, as in
+    :func:`initialize`) and returns as soon as they were told. Nothing happens for one
+    process, an unusable specification, or after :func:`initialize`.
+
+    Args:
+        message: the error, as the user should read it.
+        coordinator_address: as for :func:`initialize` (None: environment).
+        num_processes: as for :func:`initialize`.
+        process_id: as for :func:`initialize`.
+        timeout_s: as for :func:`initialize`.
+
+    Returns:
+        True when the others were told.
+
+    Example:
+        >>> report_failure("error: bad flag", num_processes=1)  # one process: nobody to tell
+        False
+    """
+    try:
+        spec = resolve(coordinator_address, num_processes, process_id)
+        timeout = _init_timeout(timeout_s)
+    except (TypeError, ValueError):
+        return False
+    if spec is None or jax.distributed.is_initialized():
+        return False
+    who = "the other processes" if spec.process_id == 0 else "process 0"
+    print(f"{message}\n[process {spec.process_id} of {spec.num_processes}: telling {who} at "
+          f"{spec.coordinator_address} before exiting; giving up after {timeout} s]",
+          file=sys.stderr, flush=True)
+    return rendezvous.report_failure(spec.coordinator_address, spec.num_processes,
+                                     spec.process_id, message, timeout)
 
 
 def _exit_on_uncaught_exception() -> None:

@@ -6,8 +6,8 @@ holder) -> load data (exits at once if a TFDS dataset is missing; a split smalle
 batch raises) -> build model/optimizer from the method name -> restore the newest checkpoint
 of ``workdir`` that verifies (damaged ones are moved aside, with a warning) -> for each
 step: place a batch on the devices, run the compiled step (non-finite steps are skipped and
-counted), then the periodic actions (``clu.periodic_actions.PeriodicCallback``, each also
-at the last step): train record every ``log_every_steps``, float64 conditioning record
+counted), then the periodic actions (:func:`due`: every N steps, and at the last step):
+train record every ``log_every_steps``, float64 conditioning record
 every ``monitor_every_steps`` (a non-finite batch gives a record with ``finite: false``),
 evaluation every ``eval_every_epochs`` and checkpoint every ``checkpoint_every_epochs``
 -> summary record. Outputs in ``workdir``: ``metrics.jsonl``, ``tensorboard/``,
@@ -55,13 +55,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from clu import metrics as clu_metrics
-from clu import periodic_actions
 
 from svdcond_jax.optimizers import find_olr_eta
 from svdcond_jax.training import checkpointing, input_pipeline, monitor, steps, writers
@@ -112,39 +110,29 @@ def _train_iterator(config: Any, data: input_pipeline.Data, par: steps.Parallel,
         epoch, offset = epoch + 1, 0
 
 
-# clu builds the dataclass from real annotations (this module's are strings).
-EvalMetrics = clu_metrics.Collection.create(loss=clu_metrics.Average,
-                                            accuracy=clu_metrics.Accuracy)
-"""Eval loss and accuracy over the real (unpadded) examples, merged over batches."""
+def _eval_sums(sums: dict[str, Any]) -> np.ndarray:
+    """One batch's masked sums (``steps.eval_step``) as host float64 (loss, correct, count).
 
-
-def _eval_metrics(sums: dict[str, Any]) -> clu_metrics.Collection:
-    """:data:`EvalMetrics` of one batch's masked sums (``steps.eval_step``), host float64.
-
-    The compiled eval step already reduces (and ``psum``s under pmap) to these sums, so
-    the clu metrics are built from them rather than from per-example outputs; float64 keeps
-    the accumulation over many batches as exact as before.
+    The compiled eval step already reduces (and ``psum``s under pmap) to these sums;
+    float64 keeps the accumulation over many batches exact to float32's inputs.
     """
-    count = np.float64(sums["count"])
-    return EvalMetrics.empty().replace(
-        loss=clu_metrics.Average(total=np.float64(sums["loss_sum"]), count=count),
-        accuracy=clu_metrics.Accuracy(total=np.float64(sums["correct"]), count=count))
+    return np.array([sums["loss_sum"], sums["correct"], sums["count"]], np.float64)
 
 
 def evaluate(config: Any, data: input_pipeline.Data, par: steps.Parallel,
              state: TrainState) -> dict[str, float]:
-    """Loss, accuracy and error (%) over the whole eval split (``clu.metrics``)."""
+    """Loss, accuracy, error (%) and the number of examples over the whole eval split
+    (real examples only)."""
     local = _local_batch_size(config.eval_batch_size)
-    totals: clu_metrics.Collection | None = None
+    totals = np.zeros(3, np.float64)
     for batch in input_pipeline.eval_batches(data, batch_size=local):
-        metrics = _eval_metrics(par.host(par.eval_step(state, par.place_batch(batch))))
-        totals = metrics if totals is None else totals.merge(metrics)
-    if totals is None:
+        totals += _eval_sums(par.host(par.eval_step(state, par.place_batch(batch))))
+    loss_sum, correct, count = totals
+    if count == 0:
         raise ValueError("the eval split holds no example")
-    result = totals.compute()
-    accuracy = float(result["accuracy"])
-    return {"loss": float(result["loss"]), "accuracy": accuracy,
-            "error": 100.0 * (1.0 - accuracy)}
+    accuracy = float(correct / count)
+    return {"loss": float(loss_sum / count), "accuracy": accuracy,
+            "error": 100.0 * (1.0 - accuracy), "examples": int(round(count))}
 
 
 def _scalar(x: Any) -> float:
@@ -179,7 +167,8 @@ def conditioning_record(setup: Setup, par: steps.Parallel, state: TrainState,
     """
     feats = _addressable(par.features_step(state, batch))
     record = monitor.conditioning_stats(feats, eps=setup.monitor_eps,
-                                        per_image=setup.task == "gcp" and setup.spec.uses_svd)
+                                        per_image=setup.task == "gcp" and setup.spec.uses_svd,
+                                        relative_eps=setup.monitor_eps_relative)
     kernel = par.host_state(_find_param(state.params, setup.pre_svd_pattern))
     record["weight_norm"] = float(np.linalg.norm(np.asarray(kernel, np.float64)))
     record["olr_eta"] = _olr_eta(state.opt_state) if setup.spec.olr else None
@@ -201,6 +190,8 @@ def _summary(config: Any, workdir: str, step: int, failures: int, train_time: fl
         "method": config.method, "dataset": config.dataset, "model": config.model,
         "seed": int(config.seed), "steps": int(step),
         "val_error": last_eval["error"] if last_eval else None,
+        "val_examples": last_eval.get("examples") if last_eval else None,
+        "cv_folds": int(config.get("cv_folds", 0)), "cv_fold": int(config.get("cv_fold", 0)),
         "best_val_error": min(r["error"] for r in evals) if evals and whole else None,
         "final_kappa_eps": last_cond["kappa_eps"] if last_cond else None,
         "median_kappa_eps": float(np.median(kappa)) if kappa and whole else None,
@@ -253,7 +244,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     Returns:
         The summary dict (also the last line of metrics.jsonl): method, dataset, model, seed,
-        steps, val_error, best_val_error, final_kappa_eps, median_kappa_eps, final_kappa_raw,
+        steps, val_error, val_examples (the eval split's size), cv_folds, cv_fold,
+        best_val_error, final_kappa_eps, median_kappa_eps, final_kappa_raw,
         svd_failures, train_time_s, steps_per_s, complete, history_problem (+
         final_singular, final_rank, dim, compile_time_s). Timing excludes the first step
         (compilation), evaluation, monitoring and checkpointing. ``complete`` is False when
@@ -265,8 +257,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             past the config's last step.
         WorkdirBusyError: another run holds ``workdir``.
         CheckpointMismatchError: ``workdir`` holds checkpoints of another config.
+        CheckpointAuthenticationError: a checkpoint key is set and a checkpoint's record
+            does not authenticate under it (``checkpointing``, "Keyed digest").
     """
     validate_config(config)
+    checkpointing.checkpoint_key(workdir)  # a bad key setting fails before anything runs
     steps.check_mode(config.parallel)
     local = _local_batch_size(config.batch_size)
     _local_batch_size(config.eval_batch_size)
@@ -363,12 +358,17 @@ class _Timer:
 def periodic_every_steps(config: Any, steps_per_epoch: int) -> dict[str, int]:
     """``every_steps`` of the periodic actions log, monitor, eval, checkpoint.
 
-    Each also runs at the last step (``on_steps``); epochs count whole
-    ``steps_per_epoch``.
+    Each also runs at the last step (:func:`due`); epochs count whole ``steps_per_epoch``.
     """
     return {"log": int(config.log_every_steps), "monitor": int(config.monitor_every_steps),
             "eval": int(config.eval_every_epochs) * steps_per_epoch,
             "checkpoint": int(config.checkpoint_every_epochs) * steps_per_epoch}
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action runs after ``step`` (1-based): every ``every`` steps, and
+    at the ``last`` step."""
+    return step % every == 0 or step == last
 
 
 def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
@@ -383,7 +383,7 @@ def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
     def epoch_of(step: int) -> int:  # 0-based epoch of a 1-based step
         return (step - 1) // steps_per_epoch
 
-    def log_train(step: int, t: float, state: TrainState, metrics: Any, **_: Any) -> None:
+    def log_train(step: int, state: TrainState, metrics: Any, **_: Any) -> None:
         host = par.host(metrics)
         record = writer.write(step, "train", {
             "loss": host["loss"], "accuracy": host["accuracy"],
@@ -394,43 +394,35 @@ def _run(config: Any, workdir: str, setup: Setup, data: input_pipeline.Data,
                        else "nan", acc=f"{record['accuracy']:.3f}",
                        fail=str(record["svd_failures"]))
 
-    def monitor_features(step: int, t: float, state: TrainState, batch: dict,
+    def monitor_features(step: int, state: TrainState, batch: dict,
                          **_: Any) -> None:
         cond = writer.write(step, "conditioning", conditioning_record(setup, par, state, batch))
         postfix["kappa"] = monitor.format_kappa(cond)
 
-    def evaluate_state(step: int, t: float, state: TrainState, **_: Any) -> None:
+    def evaluate_state(step: int, state: TrainState, **_: Any) -> None:
         ev = evaluate(config, data, par, state)
         writer.write(step, "eval", {**ev, "epoch": epoch_of(step)})
         postfix["val_err"] = f"{ev['error']:.2f}"
 
-    def save_checkpoint(step: int, t: float, state: TrainState, **_: Any) -> None:
+    def save_checkpoint(step: int, state: TrainState, **_: Any) -> None:
         checkpointing.save_state(ckpt, par.host_state(state),
                                  extra={"metrics_records": writer.count})
 
     timer = _Timer()
 
-    def timed(fn: Callable[..., None]) -> Callable[..., None]:
-        def action(**kwargs: Any) -> None:
-            timer.pause(kwargs["state"])
-            fn(**kwargs)
-
-        action.__name__ = fn.__name__
-        return action
-
     every = periodic_every_steps(config, steps_per_epoch)
-    actions = [periodic_actions.PeriodicCallback(every_steps=every[name], on_steps=[total],
-                                                 callback_fn=timed(fn))
-               for name, fn in (("log", log_train), ("monitor", monitor_features),
-                                ("eval", evaluate_state), ("checkpoint", save_checkpoint))]
+    actions = ((every["log"], log_train), (every["monitor"], monitor_features),
+               (every["eval"], evaluate_state), (every["checkpoint"], save_checkpoint))
     compile_time = 0.0
     for step in range(start, total):
         batch = next(batches)
         state, step_metrics = par.train_step(state, batch)
         if step == start:  # exclude compilation from the training time
             compile_time = timer.first_step_done(state)
-        for action in actions:
-            action(step + 1, state=state, batch=batch, metrics=step_metrics)
+        for period, action in actions:
+            if due(step + 1, period, total):
+                timer.pause(state)  # the actions' time is not training time
+                action(step + 1, state=state, batch=batch, metrics=step_metrics)
         timer.resume()
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)

@@ -153,10 +153,11 @@ def model_options(spec: MethodSpec, task: str, config: Any) -> dict[str, Any]:
     Args:
         spec: the parsed method.
         task: "dbn" or "gcp" (see :func:`resolve_task`).
-        config: the run config (reads dbn_eps, gcp_dim, ns_iters).
+        config: the run config (reads dbn_eps, dbn_eps_relative, gcp_dim, ns_iters).
 
     Returns:
-        A dict with stem_norm, head, pre_svd, meta_method, meta_kwargs, dbn_eps, gcp_dim.
+        A dict with stem_norm, head, pre_svd, meta_method, meta_kwargs, dbn_eps,
+        dbn_eps_relative, gcp_dim.
     """
     ns = spec.meta_method == "newton_schulz"
     meta_kwargs = {"num_iters": int(config.ns_iters)} if ns else None
@@ -167,6 +168,7 @@ def model_options(spec: MethodSpec, task: str, config: Any) -> dict[str, Any]:
         "meta_method": spec.meta_method,
         "meta_kwargs": meta_kwargs,
         "dbn_eps": float(config.dbn_eps),
+        "dbn_eps_relative": bool(config.get("dbn_eps_relative", False)),
         "gcp_dim": int(config.gcp_dim),
     }
     if not spec.uses_svd:

@@ -67,12 +67,14 @@ def _kappa(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.minimum(k, KAPPA_CAP)
 
 
-def eigen_stats(p: np.ndarray, *, eps: float = 0.0) -> dict[str, np.ndarray]:
+def eigen_stats(p: np.ndarray, *, eps: float = 0.0, relative_eps: bool = False
+                ) -> dict[str, np.ndarray]:
     """kappa raw / with eps*I, extreme eigenvalues and numerical rank of (..., d, d) matrices.
 
     Args:
         p: symmetric PSD matrices.
         eps: the layer's eps*I (added in float64; eigenvalues shift by exactly eps).
+        relative_eps: the layer adds eps * trace(p) / d instead (``relative_epsilon``).
 
     Returns:
         Arrays of shape (...,): kappa_raw, kappa_eps, kappa_nonzero (lambda_max over the
@@ -83,6 +85,8 @@ def eigen_stats(p: np.ndarray, *, eps: float = 0.0) -> dict[str, np.ndarray]:
     lam = eigvalsh_f64(p)
     dim = lam.shape[-1]
     lo, hi = lam[..., 0], lam[..., -1]
+    if relative_eps:
+        eps = eps * np.trace(np.asarray(p, np.float64), axis1=-2, axis2=-1) / dim
     tol = np.maximum(hi, 0.0)[..., None] * dim * EPS64
     above = lam > tol
     rank = np.sum(above, axis=-1)
@@ -94,13 +98,14 @@ def eigen_stats(p: np.ndarray, *, eps: float = 0.0) -> dict[str, np.ndarray]:
             "singular": (kappa_raw >= KAPPA_CAP) | (rank < dim)}
 
 
-def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
-                       ) -> dict[str, Any]:
+def conditioning_stats(features: Any, *, eps: float, per_image: bool = False,
+                       relative_eps: bool = False) -> dict[str, Any]:
     """Conditioning record of the Pre-SVD output features (JSON-ready Python scalars).
 
     Args:
         features: NHWC features with any leading axes (e.g. (devices, B, H, W, C)).
         eps: eps*I of the layer (``pre_svd_eps(model)``).
+        relative_eps: the layer adds eps * trace(P) / d (``dbn_eps_relative``).
         per_image: GCP: one covariance per image, median over images; else one covariance
             over all batch positions (decorrelated BN).
 
@@ -122,13 +127,15 @@ def conditioning_stats(features: Any, *, eps: float, per_image: bool = False
         return {**dict.fromkeys(keys), "dim": int(c), "finite": False}
     x = x.reshape(-1, x.shape[-3] * x.shape[-2], c)  # (B, HW, C)
     if per_image:
-        stats = eigen_stats(covariance_f64(np.swapaxes(x, -1, -2)), eps=eps)
+        stats = eigen_stats(covariance_f64(np.swapaxes(x, -1, -2)), eps=eps,
+                            relative_eps=relative_eps)
         out = {k: float(np.median(v)) for k, v in stats.items() if k != "singular"}
         out["rank"] = int(np.median(stats["rank"]))
         out["singular"] = bool(np.any(stats["singular"]))
         out["kappa_eps_max"] = float(np.max(stats["kappa_eps"]))
     else:
-        stats = eigen_stats(covariance_f64(x.reshape(-1, c).T), eps=eps)
+        stats = eigen_stats(covariance_f64(x.reshape(-1, c).T), eps=eps,
+                            relative_eps=relative_eps)
         out = {k: float(v) for k, v in stats.items() if k not in ("singular", "rank")}
         out["rank"], out["singular"] = int(stats["rank"]), bool(stats["singular"])
     for key in ("kappa_raw", "kappa_eps", "kappa_nonzero", "kappa_eps_max"):

@@ -76,6 +76,7 @@ class Setup:
     tx: optax.GradientTransformation
     pre_svd_pattern: str  # regex of the Pre-SVD kernel (bn: the stem conv, monitored only)
     monitor_eps: float  # eps*I of the monitored covariance
+    monitor_eps_relative: bool  # the layer adds monitor_eps * trace(P) / d instead
     ol_coeff: float  # 0 unless the method has "+ol"
     # jax.jit(model.init) as (rng, images) -> variables: one per setup, so the seeds of a
     # sweep (which share the setup) compile it once; it retraces per image shape itself.
@@ -106,7 +107,7 @@ def create_model(config: Any, spec: MethodSpec, task: str, num_classes: int,
 
     Args:
         config: reads model, num_filters, input_channels, half_precision, dbn_eps,
-            dbn_groups, gcp_dim, ns_iters.
+            dbn_eps_relative, dbn_groups, gcp_dim, ns_iters.
         spec: parsed method.
         task: "dbn" | "gcp".
         num_classes: classifier outputs.
@@ -178,7 +179,8 @@ def _create_setup(config: Any, num_classes: int, steps_per_epoch: int,
     tx = create_optimizer(config, spec, lr_fn, pattern)
     ol_coeff = float(config.ol_coeff) if spec.ol else 0.0
     init = jax.jit(lambda rng, images: model.init(rng, images, train=False))
-    return Setup(spec, task, model, lr_fn, tx, pattern, eps, ol_coeff, init)
+    relative = bool(config.dbn_eps_relative) and task == "dbn"
+    return Setup(spec, task, model, lr_fn, tx, pattern, eps, relative, ol_coeff, init)
 
 
 def _inject(factory: Callable[..., optax.GradientTransformation],

@@ -11,7 +11,11 @@ Failure accounting (the paper's Table 5 "SVD failures"): a step whose loss, grad
 batch statistics or new parameters are non-finite (e.g. NaN out of an eigendecomposition's
 backward) is skipped: every leaf of params, opt_state and batch_stats keeps its old value
 (``jnp.where`` on one global finite flag), ``svd_failures`` is incremented and ``step``
-still advances (the schedule moves on, as in the reference's skip-on-NaN training).
+still advances (the schedule moves on, as in the reference's skip-on-NaN training). The
+layers' own guard (decorrelated BN and covariance pooling keep their running statistics on
+a non-finite batch and count it in ``batch_stats`` ``nonfinite_batches``) is then moot: the
+skipped step restores the whole of ``batch_stats``, counters included, so in this library
+the counters stay 0 and ``svd_failures`` is the count.
 
 Example:
     >>> from svdcond_jax.training import steps

@@ -2,8 +2,9 @@
 
 Every record is one JSON object per line with ``"step"`` (int), ``"kind"`` in
 {"train", "eval", "conditioning", "summary"} and ``"seq"`` (int): the record's position in
-the run's history, 0, 1, 2, ... across resumes. The same scalars go to TensorBoard through
-``clu.metric_writers`` as ``<kind>/<name>``. Only process 0 writes.
+the run's history, 0, 1, 2, ... across resumes. The same scalars go to TensorBoard as
+``<kind>/<name>`` (:class:`TensorBoardWriter`: the ``tensorboard`` package's event-file
+writer, no TensorFlow). Only process 0 writes.
 
 History completeness: a run's summary is computed from the file, so a file that lost
 records (deleted or edited mid-run or after it finished) would give a summary from partial
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -142,6 +144,46 @@ def history_problem(records: list[dict[str, Any]], expected: int) -> str | None:
     return f"{text}: {'; '.join(details)}"
 
 
+class TensorBoardWriter:
+    """Scalars and hparams into a TensorBoard event file, without TensorFlow.
+
+    Uses the ``tensorboard`` package's ``EventFileWriter`` and its protocol buffers (the
+    format TensorBoard reads; scalars as ``simple_value``, hparams through the hparams
+    plugin's ``hparams_pb``).
+    """
+
+    def __init__(self, logdir: str) -> None:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(logdir)
+
+    def _add(self, step: int, summary: Any) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary))
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """One event holding ``tag -> value`` at ``step``."""
+        from tensorboard.compat.proto import summary_pb2
+
+        self._add(step, summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
+            for tag, v in scalars.items()]))
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        """The run's constants for TensorBoard's HPARAMS tab."""
+        from tensorboard.plugins.hparams import summary_v2
+
+        self._add(0, summary_v2.hparams_pb(hparams))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsWriter:
     """Appends records to metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -161,9 +203,7 @@ class MetricsWriter:
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
-                from clu import metric_writers
-
-                self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> dict[str, Any]:
         """Writes one record; returns it (as written)."""
