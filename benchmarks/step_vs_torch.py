@@ -57,10 +57,12 @@ class Worker:
     """A ``benchmarks.worker`` subprocess: build on start, ``run(n)`` steps, ``close()``."""
 
     def __init__(self, column: str, method: str, options: Sequence[str], log_dir: Path,
-                 tree: Path = ROOT):
+                 tree: Path = ROOT, compile_threads: int = 1):
         stem = f"{column}-{method.replace('+', '_')}"
-        # Cold torch.compile: inductor compiles in-process into an empty cache.
-        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONUNBUFFERED="1",
+        # Cold torch.compile: inductor compiles into an empty cache (by default in-process,
+        # one thread, like XLA:CPU's compile on a small machine).
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(compile_threads),
+                   PYTHONUNBUFFERED="1",
                    TORCHINDUCTOR_CACHE_DIR=str(log_dir / f"inductor-{stem}"))
         self.log = log_dir / f"{stem}.log"
         self.name = f"{column}/{method}"
@@ -104,7 +106,8 @@ def worker_options(args: argparse.Namespace) -> list[str]:
     """Command-line options shared by every worker of a run."""
     return ["--model", args.model, "--batch", str(args.batch), "--image_size",
             str(args.image_size), "--num_classes", str(args.num_classes), "--precision",
-            args.precision, "--device", args.device]
+            args.precision, "--device", args.device, "--compile_backend",
+            args.compile_backend, *(["--cache"] if args.cache else [])]
 
 
 def run_row(method: str, columns: Sequence[str], args: argparse.Namespace, log_dir: Path,
@@ -115,7 +118,8 @@ def run_row(method: str, columns: Sequence[str], args: argparse.Namespace, log_d
     try:
         for column in columns_for(method, columns):
             tree = Path(args.before) if column == "before" else ROOT
-            workers[column] = Worker(column, method, worker_options(args), log_dir, tree)
+            workers[column] = Worker(column, method, worker_options(args), log_dir, tree,
+                                     args.compile_threads)
             info = workers[column].info
             log(f"[{method}] {column}: first step after {info['first_step_s']:.1f} s, "
                 f"peak RSS {info['rss_peak_mb'] / 1024:.2f} GB")
@@ -201,8 +205,13 @@ def _params(rows: list[dict[str, Any]]) -> dict[str, int]:
             if v.get("params")}
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs every row; returns the report (header, rows, parameter counts, machine)."""
+def run(args: argparse.Namespace, log: Callable[[str], None] = print,
+        skip_row: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """Runs every row; returns the report (header, rows, parameter counts, machine).
+
+    ``skip_row(method)``, called before each row, may return a reason not to run it (the
+    GPU check's time budget); skipped rows are listed in the report's ``skipped_rows``.
+    """
     unknown = [c for c in args.columns if c not in COLUMNS]
     if unknown:
         raise ValueError(f"unknown columns {unknown}; valid: {COLUMNS}")
@@ -210,14 +219,22 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         args.columns = ["before", *[c for c in args.columns if c != "before"]]
     elif "before" in args.columns:
         raise ValueError("column 'before' needs --before DIR")
+    rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="step_vs_torch_") as tmp:
-        rows = [run_row(m, args.columns, args, Path(tmp), log) for m in args.methods]
+        for m in args.methods:
+            reason = skip_row(m) if skip_row else None
+            if reason:
+                log(f"[{m}] skipped: {reason}")
+                skipped.append({"method": m, "reason": reason})
+                continue
+            rows.append(run_row(m, args.columns, args, Path(tmp), log))
     counts = _params(rows)
     header = (f"One train step, {args.model} ({', '.join(sorted(set(map(str, counts.values()))))}"
               f" params), batch {args.batch}, {args.image_size}x{args.image_size}, "
               f"{args.precision}, {args.device} ({os.cpu_count()} cores), median of "
               f"{args.rounds} rounds x {args.steps} steps")
-    return {"header": header, "args": vars(args), "rows": rows, "params": counts,
+    return {"header": header, "args": vars(args), "rows": rows, "skipped_rows": skipped,
+            "params": counts,
             "host": {"machine": platform.machine(), "processor": _cpu_name(),
                      "cores": os.cpu_count()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -236,7 +253,7 @@ def _cpu_name() -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The benchmark's flags."""
-    # Kept on argparse (not absl.flags): benchmarks/suite.py builds this Namespace from
+    # Kept on argparse (not absl.flags): benchmarks/gpu_check.py builds this Namespace from
     # Python (parse_args([...])) and the per-column worker command lines are forwarded as
     # argparse options; no config file, one process.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -253,6 +270,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_classes", type=int, default=100)
     parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     parser.add_argument("--device", default="cpu", help="torch device (jax uses its default)")
+    parser.add_argument("--compile_threads", type=int, default=1,
+                        help="inductor's compile threads (TORCHINDUCTOR_COMPILE_THREADS)")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend (aot_eager: no code generation)")
+    parser.add_argument("--cache", action="store_true",
+                        help="the 'ours' workers use jax's persistent compilation cache "
+                             "($SVDCOND_JAX_CACHE_DIR; default: cold compile)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")

@@ -204,8 +204,8 @@ def optimal_lr(weight: torch.Tensor, grad: torch.Tensor, lr: float) -> float:
 
 def build_step(method: str, *, model: nn.Module | None = None, batch: int = 32,
                image_size: int = 32, num_classes: int = 100, compile: bool = False,
-               precision: str = "f32", device: str = "cpu", seed: int = 0,
-               lr: float = 0.1) -> Callable[[], float]:
+               compile_backend: str = "inductor", precision: str = "f32",
+               device: str = "cpu", seed: int = 0, lr: float = 0.1) -> Callable[[], float]:
     """One method's train step on a fixed random batch; each call runs one step.
 
     Args:
@@ -215,6 +215,10 @@ def build_step(method: str, *, model: nn.Module | None = None, batch: int = 32,
       image_size: square image side (3 channels).
       num_classes: classifier outputs.
       compile: ``torch.compile`` the model.
+      compile_backend: ``torch.compile``'s backend: "inductor" (the default, what is
+        timed), or e.g. "aot_eager" (TorchDynamo and AOTAutograd without inductor's code
+        generation: the GPU check's CPU dry run uses it to exercise the compiled path in
+        seconds).
       precision: "f32", or "bf16" (``torch.autocast`` to bfloat16; the whitening stays
         float32).
       device: torch device, e.g. "cpu" or "cuda".
@@ -241,7 +245,7 @@ def build_step(method: str, *, model: nn.Module | None = None, batch: int = 32,
     others = [p for p in model.parameters() if p is not stem]
     opt = torch.optim.SGD([{"params": [stem]}, {"params": others}], lr=lr, momentum=0.9,
                           weight_decay=5e-4)
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, backend=compile_backend) if compile else model
     images = torch.randn(batch, 3, image_size, image_size).to(device)
     labels = torch.randint(0, num_classes, (batch,)).to(device)
     nog, olr = "+nog" in method, "+olr" in method

@@ -101,6 +101,7 @@ def _build_torch(args: argparse.Namespace) -> tuple[Callable[[], Any], dict[str,
     step = torch_resnet.build_step(args.method, model=model, batch=args.batch,
                                    image_size=args.image_size, num_classes=args.num_classes,
                                    compile=args.column == "torch-compile",
+                                   compile_backend=args.compile_backend,
                                    precision=args.precision, device=args.device)
     device = args.device if args.device != "cpu" else "cpu"
     return step, {"params": torch_resnet.parameter_count(model), "device": device,
@@ -162,6 +163,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_classes", type=int, default=100)
     parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend of the torch-compile column")
     parser.add_argument("--cache", action="store_true",
                         help="use jax's persistent compilation cache (default: cold compile)")
     return parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The benchmark suite at tiny sizes: comparators are faithful, every piece runs end to end.
+"""The benchmarks at tiny sizes: comparators are faithful, every piece runs end to end.
 
 No timing is asserted (speed targets live in the benchmarks' output, not in tests).
 """
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import flax_resnet, render, step_vs_torch, suite
+from benchmarks import flax_resnet, step_vs_torch
 from svdcond_jax import DecorrelatedBatchNorm, optimal_eta, polar_factor
 from svdcond_jax.models import CifarResNet50, TinyResNet
 
@@ -103,31 +103,6 @@ def test_step_vs_torch_workers_interleave_and_tabulate():
     assert len(set(report["params"].values())) == 1  # same network in both frameworks
     table = step_vs_torch.format_tables(report)
     assert "| `svd+nog+olr` |" in table and "ours / eager" in table
-
-
-def test_suite_writes_results_and_render_reads_them(tmp_path):
-    report = suite.main(
-        ["--out", str(tmp_path), "--name", "tiny", "--parts", "table6,mfu,meta_layer,memory",
-         "--model", "TinyResNet", "--batch", "4", "--mfu_batch", "4", "--image_size", "8",
-         "--num_classes", "10", "--methods", "bn,svd", "--precisions", "f32",
-         "--meta_shapes", "2x8x8", "--rounds", "1", "--repeats", "1"])
-    saved = json.loads((tmp_path / "tiny.json").read_text())
-    assert saved["table6"]["f32"]["results"].keys() == {"bn", "svd"}
-    assert saved["mfu"]["f32"]["step_gflops"] > 0
-    assert saved["memory"]["f32"]["svd"]["vs_bn"] > 0
-    assert {r["method"] for r in saved["meta_layer"]} >= {"eigh_exact", "eigh_autodiff"}
-    assert report["runtime"]["blas_threads"] >= 1
-    text = (tmp_path / "tiny.md").read_text()
-    assert "Table 6 (f32)" in text and "MFU" in text and "2x8x8" in text
-    assert render.main([str(tmp_path / "tiny.json"), "--out", str(tmp_path / "s.md")])
-    assert (tmp_path / "s.md").read_text().startswith("## Performance")
-
-
-def test_peak_table_knows_the_gpus():
-    assert suite.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert suite.peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert suite.peak_tflops("NVIDIA H200") == 989.4
-    assert suite.peak_tflops("cpu") is None
 
 
 def _python(code: str, env: dict[str, str]) -> dict:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import select
 import socket
@@ -114,27 +115,33 @@ def listen(address: str) -> socket.socket:
     """Binds the coordinator port of ``address`` on every interface (as jax's service does).
 
     Raises:
-        StartError: the port is taken (naming it and the address).
+        StartError: the port is taken (naming it and the address), or cannot be bound.
     """
-    port = _port(address)
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, like [::]
-        wildcard = "::"
-    except OSError:  # no IPv6 on this host
-        sock, wildcard = socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not TIME_WAIT leftovers
-    try:
-        sock.bind((wildcard, port))
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise StartError(
-            f"coordinator port {port} is already in use on this host (coordinator_address="
-            f"{address}; {e.strerror or e}): another program holds it. Choose a free port "
-            "for --coordinator_address / JAX_COORDINATOR_ADDRESS (the same on every "
-            "process)") from None
-    return sock
+    port, error = _port(address), None
+    for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # no IPv6 on this host
+            error = e
+            continue
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not TIME_WAIT
+            sock.bind((wildcard, port))
+            sock.listen(128)
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise StartError(
+                    f"coordinator port {port} is already in use on this host "
+                    f"(coordinator_address={address}): another program holds it. Choose a "
+                    "free port for --coordinator_address / JAX_COORDINATOR_ADDRESS (the same "
+                    "on every process)") from None
+            error = e
+    raise StartError(f"cannot listen on coordinator port {port} (coordinator_address="
+                     f"{address}): {getattr(error, 'strerror', None) or error}")
 
 
 def serve(address: str, num_processes: int, timeout_s: float) -> None:
