@@ -38,8 +38,10 @@ ratios and the minima.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -156,24 +158,35 @@ def _git_rev() -> str:
 
 
 def _cpu() -> str:
-    from benchmarks.step_vs_torch import _cpu_name
-
-    name = _cpu_name()
+    """The host CPU's model name and its widest vector ISA (from /proc/cpuinfo)."""
+    name, flags = platform.processor(), ""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            lines = f.readlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines
+                     if ln.startswith("model name")), name)
+        flags = next((ln for ln in lines if ln.startswith("flags")), "")
     except OSError:
-        flags = ""
+        pass
     isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "")
     return f"{name}{', ' + isa if isa else ''}"
 
 
 def provenance(argv: Sequence[str]) -> dict[str, Any]:
-    from benchmarks.suite import machine, versions
+    """Device, CPU, cores, load, date, versions, git revision and the command."""
+    import flax
+    import jaxlib
+    import optax
 
-    info = machine()
-    info["host_cpu"] = _cpu()
-    return {"machine": info, "versions": versions(), "git": _git_rev(),
+    dev = jax.devices()[0]
+    machine = {"platform": dev.platform, "device_kind": dev.device_kind,
+               "host_cpu": _cpu(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+                   "%Y-%m-%d %H:%M UTC")}
+    versions = {"python": platform.python_version(), "jax": jax.__version__,
+                "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                "optax": optax.__version__}
+    return {"machine": machine, "versions": versions, "git": _git_rev(),
             "command": "python -m benchmarks.polar " + " ".join(argv)}
 
 
