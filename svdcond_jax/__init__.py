@@ -41,8 +41,19 @@ from svdcond_jax.nn import (
     SpectralNormConv,
 )
 
-# The optimizer: SGD with NOG and OLR on the Pre-SVD layer.
-from svdcond_jax.optimizers import find_olr_eta, pre_svd_labels, pre_svd_mask, pre_svd_sgd
+# Optimizers: NOG and OLR on the Pre-SVD layer next to SGD or any optax optimizer, and on
+# every matrix layer (the paper's conventions or Muon's).
+from svdcond_jax.optimizers import (
+    check_olr_placement,
+    find_olr_eta,
+    nog_labels,
+    nog_mask,
+    nog_optimizer,
+    pre_svd_labels,
+    pre_svd_mask,
+    pre_svd_optimizer,
+    pre_svd_sgd,
+)
 
 # Orthogonality: polar factor (NOG, Eqs. 14-17), orthogonality loss (Eq. 12), expm (Eq. 13).
 from svdcond_jax.orthogonal import (
@@ -54,10 +65,13 @@ from svdcond_jax.orthogonal import (
 
 # Optax transforms: Nearest Orthogonal Gradient and Optimal Learning Rate (Eqs. 14-21).
 from svdcond_jax.transforms import (
+    EmaMomentumState,
     OptimalLearningRateState,
+    ema_momentum,
     nearest_orthogonal_gradient,
     optimal_eta,
     optimal_learning_rate,
+    scale_by_shape,
 )
 
 __version__ = "0.1.0"
@@ -68,6 +82,7 @@ __all__ = [
     "CifarResNet50",
     "CovariancePooling",
     "DecorrelatedBatchNorm",
+    "EmaMomentumState",
     "OptimalLearningRateState",
     "OrthogonalDense",
     "ResNet",
@@ -78,14 +93,19 @@ __all__ = [
     "SpectralNormConv",
     "TinyResNet",
     "as_matrix",
+    "check_olr_placement",
     "condition_number",
     "condition_number_f64",
     "covariance",
     "eigvalsh_f64",
+    "ema_momentum",
     "find_olr_eta",
     "inv_sqrtm",
     "nearest_orthogonal_gradient",
     "nnx",
+    "nog_labels",
+    "nog_mask",
+    "nog_optimizer",
     "optimal_eta",
     "optimal_learning_rate",
     "orthogonality_loss",
@@ -94,8 +114,10 @@ __all__ = [
     "pre_svd_features",
     "pre_svd_labels",
     "pre_svd_mask",
+    "pre_svd_optimizer",
     "pre_svd_pattern",
     "pre_svd_sgd",
+    "scale_by_shape",
     "skew_symmetric_expm",
     "sqrtm",
     "sqrtm_and_inv_sqrtm",

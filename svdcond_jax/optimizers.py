@@ -1,12 +1,19 @@
-"""SGD with NOG and OLR on the Pre-SVD layer, composed from optax pieces.
+"""Optimizer recipes with NOG and OLR, composed from optax pieces.
 
-:func:`pre_svd_sgd` reproduces torch.optim.SGD (coupled L2 weight decay, momentum with
-dampening 0, then the learning rate) on every parameter, with the Nearest Orthogonal Gradient
-applied to the raw gradient of the Pre-SVD parameter and the Optimal Learning Rate replacing
-its learning rate (docs/nog_olr.md). The Pre-SVD selection (:func:`pre_svd_mask`) is
-explicit, is written the same way for Flax Linen and Flax NNX (``r"^stem_conv/kernel$"``),
-and fails loudly when it matches nothing (the authors' release silently matched no
-parameter after ``DataParallel`` renamed them, docs/reference_code.md).
+* :func:`pre_svd_sgd` reproduces torch.optim.SGD (coupled L2 weight decay, momentum with
+  dampening 0, then the learning rate) on every parameter, with the Nearest Orthogonal
+  Gradient applied to the raw gradient of the Pre-SVD parameter and the Optimal Learning
+  Rate replacing its learning rate (docs/nog_olr.md), the paper's setting.
+* :func:`pre_svd_optimizer` is the same Pre-SVD treatment next to any optax optimizer for
+  the other parameters (``rest=optax.adamw(1e-3)``), with OLR's cap given explicitly.
+* :func:`nog_optimizer` puts NOG (and OLR per layer) on every conv and dense kernel, the
+  classifier head excluded, with the paper's conventions or optax.contrib.muon's.
+* :func:`check_olr_placement` refuses a composition that feeds OLR an already-scaled update.
+
+The Pre-SVD selection (:func:`pre_svd_mask`) is explicit, is written the same way for Flax
+Linen and Flax NNX (``r"^stem_conv/kernel$"``), and fails loudly when it matches nothing (the
+authors' release silently matched no parameter after ``DataParallel`` renamed them,
+docs/reference_code.md).
 
 The same optimizer from the public pieces, for a Flax Linen model (``pre_svd_labels`` names
 the Pre-SVD kernel ``"pre_svd"`` and every other parameter ``"other"``):
@@ -75,6 +82,7 @@ An NNX path filter selects too: ``sc.pre_svd_sgd(0.1, nnx.PathContains("stem_con
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -92,11 +100,26 @@ from svdcond_jax.transforms import (
     _check_float_leaves,
     _check_sgd_hyperparams,
     _descent_scale,
+    ema_momentum,
     nearest_orthogonal_gradient,
     optimal_learning_rate,
+    scale_by_shape,
 )
 
-__all__ = ["PreSvdSelection", "find_olr_eta", "pre_svd_labels", "pre_svd_mask", "pre_svd_sgd"]
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "DEFAULT_SELECT",
+    "PreSvdSelection",
+    "check_olr_placement",
+    "find_olr_eta",
+    "nog_labels",
+    "nog_mask",
+    "nog_optimizer",
+    "pre_svd_labels",
+    "pre_svd_mask",
+    "pre_svd_optimizer",
+    "pre_svd_sgd",
+]
 
 PreSvdSelection = str | Callable[[str, Any], bool] | Any
 """A regex (``re.search`` on '/'-joined paths), an NNX path filter, a callable
@@ -332,26 +355,36 @@ def pre_svd_sgd(
       0.1
     """
     fn = "pre_svd_sgd"
-    for name, flag in (("nog", nog), ("olr", olr)):
+    _check_flags(fn, nog=nog, olr=olr)
+    _check_sgd_hyperparams(fn, learning_rate, momentum, weight_decay)
+    other = _torch_sgd(learning_rate, momentum, weight_decay)
+    return _pre_svd_partition(fn, learning_rate, pre_svd, other, momentum=momentum,
+                              weight_decay=weight_decay, nesterov=False, nog=nog, olr=olr,
+                              nog_method=nog_method, nog_rtol=nog_rtol)
+
+
+def _check_flags(fn: str, **flags: Any) -> None:
+    for name, flag in flags.items():
         if not isinstance(flag, bool | np.bool_):
             raise TypeError(f"{fn}: {name} must be a bool, got {name}={flag!r}")
-    _check_sgd_hyperparams(fn, learning_rate, momentum, weight_decay)
-    labels = pre_svd_labels(pre_svd)
-    nog_tx = nearest_orthogonal_gradient(method=nog_method, rtol=nog_rtol)
-    # optax.trace starts from a zero buffer, so buf = d on the first step, like torch.
-    other = optax.chain(
+
+
+def _torch_sgd(learning_rate: optax.ScalarOrSchedule, momentum: Any, weight_decay: Any,
+               nesterov: bool = False) -> optax.GradientTransformation:
+    """torch.optim.SGD: ``d = g + wd w``, ``buf = m buf + d``, ``w <- w - lr buf``.
+
+    optax.trace starts from a zero buffer, so buf = d on the first step, like torch.
+    """
+    return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        optax.trace(decay=momentum),
+        optax.trace(decay=momentum, nesterov=nesterov),
         _descent_scale(learning_rate, momentum, weight_decay),
     )
-    pre = (
-        optimal_learning_rate(learning_rate, momentum=momentum, weight_decay=weight_decay)
-        if olr
-        else other
-    )
-    if nog:
-        pre = optax.chain(nog_tx, pre)
-    tx = optax.partition({"pre_svd": pre, "other": other}, labels)
+
+
+def _with_float_checks(fn: str, tx: optax.GradientTransformation
+                       ) -> optax.GradientTransformation:
+    """``tx`` whose init/update name the path of a leaf that is not real floating."""
 
     def init_fn(params: optax.Params) -> optax.OptState:
         _check_float_leaves(fn, "parameter", params)
@@ -364,6 +397,506 @@ def pre_svd_sgd(
         return tx.update(updates, state, params)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _pre_svd_partition(fn: str, learning_rate: optax.ScalarOrSchedule,
+                       pre_svd: PreSvdSelection, rest: optax.GradientTransformation, *,
+                       momentum: Any, weight_decay: Any, nesterov: bool, nog: bool, olr: bool,
+                       nog_method: str, nog_rtol: float | None
+                       ) -> optax.GradientTransformation:
+    """``partition({"pre_svd": ..., "other": rest})``: the Pre-SVD branch is
+    ``[NOG,] OLR`` (olr), ``NOG, SGD`` (nog only) or ``rest`` (neither)."""
+    labels = pre_svd_labels(pre_svd)
+    nog_tx = nearest_orthogonal_gradient(method=nog_method, rtol=nog_rtol)
+    if olr:
+        pre = optimal_learning_rate(learning_rate, momentum=momentum,
+                                    weight_decay=weight_decay, nesterov=nesterov)
+    elif nog:
+        pre = _torch_sgd(learning_rate, momentum, weight_decay, nesterov)
+    else:
+        pre = rest
+    if nog:
+        pre = optax.chain(nog_tx, pre)
+    return _with_float_checks(fn, optax.partition({"pre_svd": pre, "other": rest}, labels))
+
+
+def pre_svd_optimizer(
+    learning_rate: optax.ScalarOrSchedule,
+    pre_svd: PreSvdSelection,
+    *,
+    rest: optax.GradientTransformation,
+    nog: bool = True,
+    olr: bool = True,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    nesterov: bool = False,
+    nog_method: str = "svd",
+    nog_rtol: float | None = None,
+) -> optax.GradientTransformation:
+    """NOG and OLR on the Pre-SVD parameter, any optax optimizer (``rest``) for the others.
+
+    The Pre-SVD parameter keeps the paper's treatment: its raw gradient is replaced by its
+    polar factor (``nog``, Eqs. 14-17) and it takes torch-style SGD steps (coupled weight
+    decay, momentum) at OLR's rate ``eta`` (``olr``, Eqs. 18-21), ``eta = eta*`` if
+    ``0 < eta* < learning_rate_t`` else ``learning_rate_t``; with ``nog`` alone, at
+    ``learning_rate_t``. With neither, it is trained by ``rest`` like the others.
+
+    ``learning_rate`` is OLR's cap, and it is an SGD rate. The paper caps eta by "the
+    learning rate the other layers use" because they use SGD: eta multiplies the
+    (orthogonal) gradient directly, so the cap is the largest plain SGD step the Pre-SVD
+    layer may take. Next to AdamW the other layers' rate (1e-3, say) is not such a rate:
+    AdamW moves every entry by about lr whatever the gradient's size, while an SGD step on
+    the polar factor ``R`` (``|R|_F = sqrt(rank)``) moves the layer by ``eta sqrt(rank)``.
+    Give the rate SGD would train that layer with (the paper's 0.1, with the same decay
+    schedule shape as ``rest``'s; measured eta* values: docs/nog_olr.md) -- passing AdamW's
+    1e-3 would make the switch pick the cap at nearly every step and freeze the layer.
+
+    Args:
+      learning_rate: the Pre-SVD layer's SGD rate and OLR's cap: a float > 0 or a schedule
+        (evaluated at this optimizer's step count).
+      pre_svd: Pre-SVD selection, see :func:`pre_svd_mask`.
+      rest: the optimizer of every other parameter, e.g. ``optax.adamw(1e-3)``; checked
+        with :func:`check_olr_placement`.
+      nog: NOG on the Pre-SVD gradient.
+      olr: OLR as the Pre-SVD layer's rate.
+      momentum: the Pre-SVD layer's SGD momentum in ``[0, 1)`` (torch's buffer).
+      weight_decay: the Pre-SVD layer's coupled L2 coefficient ``>= 0`` (it does not enter
+        eta).
+      nesterov: Nesterov momentum for the Pre-SVD layer (needs ``momentum > 0``).
+      nog_method: polar factor method (:func:`~svdcond_jax.orthogonal.polar_factor`).
+      nog_rtol: NOG's ``rtol``.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``. It composes with
+      ``optax.MultiSteps`` (gradient accumulation: NOG and OLR then see the mean gradient
+      of the k micro-batches, once per k steps; docs/nog_olr.md), ``inject_hyperparams``
+      and ``apply_if_finite``.
+
+    Raises:
+      TypeError: ``rest`` not an ``optax.GradientTransformation``, non-bool flags, and the
+        argument errors of :func:`pre_svd_sgd`.
+      ValueError: ``rest`` feeds an OLR an already-scaled update
+        (:func:`check_olr_placement`), out-of-range hyperparameters; at ``init`` a
+        selection that matches nothing.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"stem": {"kernel": jnp.ones((3, 3, 2, 4))}, "fc": {"bias": jnp.zeros(2)}}
+      >>> tx = pre_svd_optimizer(0.1, r"^stem/kernel$", rest=optax.adamw(1e-3))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> round(float(find_olr_eta(state)), 4)  # eta* > 0.1 here: the cap
+      0.1
+    """
+    fn = "pre_svd_optimizer"
+    if not isinstance(rest, optax.GradientTransformation):
+        raise TypeError(f"{fn}: rest must be an optax.GradientTransformation such as "
+                        f"optax.adamw(1e-3); got {type(rest).__name__}")
+    check_olr_placement(rest)
+    _check_flags(fn, nog=nog, olr=olr, nesterov=nesterov)
+    _check_sgd_hyperparams(fn, learning_rate, momentum, weight_decay)
+    if olr and nesterov and float(momentum) == 0.0:
+        raise ValueError(f"{fn}: nesterov=True needs momentum > 0, got momentum={momentum!r}")
+    return _pre_svd_partition(fn, learning_rate, pre_svd, rest, momentum=momentum,
+                              weight_decay=weight_decay, nesterov=bool(nesterov), nog=nog,
+                              olr=olr, nog_method=nog_method, nog_rtol=nog_rtol)
+
+
+# ------------------------------------------------------------------- OLR's placement
+
+_OLR = "optimal_learning_rate"
+
+
+def _factory(fn: Any) -> str:
+    """The factory that made a function: 'scale_by_adam', 'chain', ... ('' if none)."""
+    name = getattr(fn, "__qualname__", "")
+    return name.split(".<locals>")[0] if ".<locals>" in name else ""
+
+
+def _is_scaler(name: str) -> bool:
+    """optax names every transform that applies a rate or a preconditioner scale*:
+    scale, scale_by_learning_rate/schedule, scale_by_adam, scale_by_muon, ..."""
+    return name.startswith("scale")
+
+
+Node = tuple[Any, Any]  # (init, update) of a transformation
+
+
+def _node(tx: Any) -> Node:
+    """``(init, update)``, looking through optax's with_extra_args_support wrapper."""
+    init, update = tx.init, tx.update
+    if _factory(update) == "with_extra_args_support":
+        inner = _closure(update).get("tx")
+        if isinstance(inner, optax.GradientTransformation):
+            return _node(inner)
+    return init, update
+
+
+def _parts(value: Any) -> list[Node]:
+    """The transformations inside a closure value, as nodes."""
+    if isinstance(value, optax.MultiSteps):
+        return [_node(value.gradient_transformation())]
+    if isinstance(value, optax.GradientTransformation):
+        return [_node(value)]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _parts(v)]
+    if isinstance(value, tuple | list):
+        return [p for v in value for p in _parts(v)]
+    return []
+
+
+def _closure(fn: Any) -> dict[str, Any]:
+    """The nonlocal variables of a function (empty for anything else)."""
+    if not inspect.isfunction(fn):
+        return {}
+    return inspect.getclosurevars(fn).nonlocals
+
+
+def _rebuild_injected(closure: dict[str, Any]) -> optax.GradientTransformation | None:
+    """The transformation ``inject_hyperparams(factory)(...)`` builds at each step, rebuilt
+    from its closure with the schedules at step 0 (None if that fails: opaque)."""
+    factory = closure.get("inner_factory")
+    try:
+        kwargs = {**closure.get("other_hps", {}), **closure.get("numeric_hps", {})}
+        kwargs.update({k: f(f.init()) for k, f in closure.get("sched_hps", {}).items()})
+        return factory(**kwargs)
+    except Exception:  # noqa: BLE001 -- any failure only means we cannot look inside
+        return None
+
+
+def _walk(node: Node, scaled_by: str | None, trail: str, seen: frozenset[int]) -> str | None:
+    """Raises if an OLR inside ``node`` receives an update scaled by ``scaled_by`` (the
+    name of an earlier member of an enclosing chain). Returns the name of a scaling
+    transform inside ``node`` (None if there is none), for the chain's later members."""
+    init, update = node
+    owner = getattr(update, "__self__", None)
+    if isinstance(owner, optax.MultiSteps):  # MultiSteps(...).gradient_transformation()
+        return _walk(_node(owner.inner_opt), scaled_by, f"{trail}MultiSteps/", seen)
+    if id(update) in seen:  # a cycle through closures (the same transform twice is fine)
+        return None
+    seen = seen | {id(update)}
+    name = _factory(update) or _factory(init)
+    closure = {**_closure(init), **_closure(update)}
+    if name == _OLR:
+        if scaled_by is not None:
+            raise ValueError(
+                f"check_olr_placement: optimal_learning_rate ({trail}{_OLR}) is fed an update "
+                f"already scaled by {scaled_by}. OLR is itself the optimizer of its parameters "
+                "(SGD at rate eta, Eq. 20, computed from the gradient it receives): put it "
+                "where optax.sgd would go, last in its chain, after NOG or on the raw "
+                "gradient -- never after optax.sgd/adam/adamw, scale_by_adam, "
+                "scale_by_learning_rate or another OLR (docs/nog_olr.md)")
+        return _OLR
+    if _is_scaler(name):
+        return name
+    if name == "inject_hyperparams":
+        inner = _rebuild_injected(closure)
+        if inner is None:
+            return None
+        return _walk(_node(inner), scaled_by, f"{trail}inject_hyperparams/", seen)
+    if name in ("chain", "named_chain"):  # ordered: a scaler affects the later members
+        if "update_fns" in closure:
+            members = list(zip(closure.get("init_fns", closure["update_fns"]),
+                               closure["update_fns"], strict=True))
+        else:
+            members = _parts(closure.get("transforms", ()))
+        found = None
+        for i, member in enumerate(members):
+            got = _walk(_unwrap_node(member), scaled_by or found, f"{trail}{name}[{i}]/", seen)
+            found = found or got
+        return found
+    found = None  # partition, masked, apply_if_finite, ...: members in parallel
+    for value in closure.values():
+        for part in _parts(value):
+            found = _walk(part, scaled_by, f"{trail}{name}/", seen) or found
+    return found
+
+
+def _unwrap_node(node: Node) -> Node:
+    """A chain member with its with_extra_args_support wrapper removed."""
+    init, update = node
+    if _factory(update) == "with_extra_args_support":
+        inner = _closure(update).get("tx")
+        if isinstance(inner, optax.GradientTransformation):
+            return _node(inner)
+    return node
+
+
+def check_olr_placement(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Raises if ``tx`` feeds :func:`~svdcond_jax.transforms.optimal_learning_rate` an
+    update that an earlier transform already scaled; returns ``tx`` unchanged otherwise.
+
+    OLR is a whole SGD optimizer: its eta (Eq. 20) is computed from the gradient it
+    receives and it negates and scales the step itself. Chained after ``optax.sgd`` or
+    ``optax.scale_by_learning_rate`` it takes the negated step for the gradient and ascends;
+    after ``optax.scale_by_adam`` (or ``adam``/``adamw``) it computes eta from Adam's
+    elementwise-normalised direction. Neither can be noticed from the losses.
+
+    ``optax.chain`` does not tell its members what precedes them, so OLR cannot check this
+    when you build a chain by hand: pass the finished optimizer through this function (the
+    recipes here and the training library do it for you). It looks inside ``optax.chain``,
+    ``named_chain``, ``partition``, ``masked``, ``apply_if_finite``, ``MultiSteps`` and
+    ``inject_hyperparams`` (rebuilt with its schedules at step 0), through the closures
+    optax builds them with, and treats every transform named ``scale*`` (optax's naming:
+    ``scale``, ``scale_by_learning_rate``, ``scale_by_adam``, ...; the aliases ``sgd``,
+    ``adam``, ``adamw`` are chains of them) as scaling. What it cannot see: transforms that
+    scale without such a name (your own, or optax's under another name), transformations
+    kept in objects other than those above, and compositions written by hand as new
+    init/update functions; those pass unchecked.
+
+    Args:
+      tx: the optimizer to check.
+
+    Returns:
+      ``tx``, so that ``tx = check_olr_placement(optax.chain(...))`` reads as construction.
+
+    Raises:
+      ValueError: naming the scaling transform and OLR's place in ``tx``.
+
+    Example:
+      >>> import optax
+      >>> from svdcond_jax.transforms import optimal_learning_rate
+      >>> tx = optax.chain(optax.scale_by_adam(), optimal_learning_rate(0.1))
+      >>> check_olr_placement(tx)  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+      Traceback (most recent call last):
+      ...
+      ValueError: check_olr_placement: optimal_learning_rate (chain[1]/...) is fed an update
+      already scaled by scale_by_adam. ...
+    """
+    if not isinstance(tx, optax.GradientTransformation | optax.MultiSteps):
+        raise TypeError(f"check_olr_placement: tx must be an optax.GradientTransformation; got "
+                        f"{type(tx).__name__}")
+    node = _node(tx.gradient_transformation() if isinstance(tx, optax.MultiSteps) else tx)
+    _walk(node, None, "", frozenset())
+    return tx
+
+
+# --------------------------------------------------------------- every matrix layer
+
+DEFAULT_SELECT = r"kernel$"
+"""Default selection of :func:`nog_optimizer`: every leaf whose path ends in ``kernel``
+and has ``ndim >= 2`` (Flax Linen ``Conv``/``Dense`` and NNX ``Conv``/``Linear``)."""
+
+DEFAULT_EXCLUDE = r"(^|/)(fc|head|classifier|logits|output|lm_head)/kernel$"
+"""Default exclusion of :func:`nog_optimizer`: the classifier head's kernel, a module
+named fc, head, classifier, logits, output or lm_head (``fc/kernel`` in
+:mod:`svdcond_jax.models`; ``head/pre_svd_conv/kernel`` is not excluded)."""
+
+CONVENTIONS = ("paper", "muon")
+ORTHOGONALIZE = ("gradient", "momentum")
+
+
+def _flags(params: Any, selection: PreSvdSelection, what: str) -> tuple[list[bool], list[str]]:
+    """One bool per leaf (NNX Variables as leaves) and the paths."""
+    select = _selector(selection)
+    leaves = leaves_with_paths(params)
+    paths = [path_str(p) for p, _ in leaves]
+    if select is None:
+        flags_tree, sel_def = jax.tree_util.tree_flatten(selection, is_leaf=is_variable)
+        treedef = jax.tree_util.tree_structure(params, is_leaf=is_variable)
+        if sel_def != treedef:
+            raise ValueError(f"nog_labels: the bool pytree {what} does not have the params' "
+                             f"structure:\n  {what}: {sel_def}\n  params:  {treedef}")
+        return [bool(unwrap(f)) for f in flags_tree], paths
+    return [select(tuple(key_of(k) for k in p), path, unwrap(x))
+            for (p, x), path in zip(leaves, paths, strict=True)], paths
+
+
+def nog_mask(params: Any, select: PreSvdSelection = DEFAULT_SELECT,
+             exclude: PreSvdSelection | None = DEFAULT_EXCLUDE) -> Any:
+    """Boolean pytree: the matrix parameters :func:`nog_optimizer` orthogonalises.
+
+    A leaf is selected when ``select`` matches it, it has ``ndim >= 2`` and ``exclude``
+    does not match it. Both selections take the forms of :func:`pre_svd_mask` (regex on
+    '/'-joined paths, NNX path filter, callable, bool pytree).
+
+    Raises:
+      ValueError: ``select`` selects no matrix, or ``exclude`` matches no parameter (a
+        typo, or a head named otherwise: pass ``exclude=`` its path or ``None``); the
+        message lists the paths.
+    """
+    picked, paths = _flags(params, select, "select")
+    ndims = [np.ndim(unwrap(x)) for _, x in leaves_with_paths(params)]
+    picked = [p and n >= 2 for p, n in zip(picked, ndims, strict=True)]
+    if exclude is not None:
+        dropped, _ = _flags(params, exclude, "exclude")
+        if not any(dropped):
+            raise ValueError(
+                f"nog_mask: exclude={exclude!r} matches no parameter (the default is meant "
+                "for the classifier head); pass the head's path as exclude=..., or "
+                f"exclude=None to orthogonalise every selected kernel; paths: {paths}")
+        picked = [p and not d for p, d in zip(picked, dropped, strict=True)]
+    if not any(picked):
+        raise ValueError(f"nog_mask: select={select!r} (minus exclude={exclude!r}) selects no "
+                         f"parameter with ndim >= 2; paths: {paths}")
+    treedef = jax.tree_util.tree_structure(params, is_leaf=is_variable)
+    return treedef.unflatten(picked)
+
+
+def nog_labels(select: PreSvdSelection = DEFAULT_SELECT,
+               exclude: PreSvdSelection | None = DEFAULT_EXCLUDE
+               ) -> Callable[[optax.Params], Any]:
+    """``optax.partition`` labels: ``"nog"`` for :func:`nog_mask`'s matrices, else
+    ``"rest"``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 2, 4)), "bias": jnp.zeros(4)},
+      ...           "fc": {"kernel": jnp.zeros((4, 10))}}
+      >>> nog_labels()(params)
+      {'conv': {'bias': 'rest', 'kernel': 'nog'}, 'fc': {'kernel': 'rest'}}
+    """
+    _selector(select)
+    if exclude is not None:
+        _selector(exclude)
+
+    def labels(params: optax.Params) -> Any:
+        mask = nog_mask(params, select, exclude)
+        return jax.tree_util.tree_map(lambda m: "nog" if m else "rest", mask)
+
+    return labels
+
+
+def _pick(value: Any, paper: Any, muon: Any, conventions: str) -> Any:
+    return value if value is not None else (paper if conventions == "paper" else muon)
+
+
+def nog_optimizer(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    conventions: str = "paper",
+    orthogonalize: str | None = None,
+    momentum: float | None = None,
+    nesterov: bool | None = None,
+    weight_decay: float | None = None,
+    shape_scale: bool | None = None,
+    olr: bool = False,
+    polar_method: str = "polar_express",
+    polar_rtol: float | None = None,
+    matmul_dtype: Any = None,
+    select: PreSvdSelection = DEFAULT_SELECT,
+    exclude: PreSvdSelection | None = DEFAULT_EXCLUDE,
+    rest: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
+    """NOG (and OLR per layer) on every conv and dense kernel; ``rest`` for the others.
+
+    The matrices are :func:`nog_mask`'s: every ``.../kernel`` with ``ndim >= 2`` except the
+    classifier head (conv kernels seen as ``(kh*kw*in, out)``, as the paper reshapes the
+    Pre-SVD kernel); biases, norm scales and the head go to ``rest``. Two sets of
+    conventions, each argument left ``None`` taking the set's value:
+
+    ===================  ===================================  =================================
+    argument             ``conventions="paper"`` (NOG)        ``conventions="muon"``
+    ===================  ===================================  =================================
+    ``orthogonalize``    ``"gradient"``: polar factor of the  ``"momentum"``: of the momentum
+                         raw gradient, then momentum          (:func:`~svdcond_jax.transforms.
+                                                              ema_momentum`, bias-corrected)
+    ``momentum``         0.9 (torch's buffer ``m buf + d``)   0.95 (EMA decay beta)
+    ``nesterov``         False                                True
+    ``weight_decay``     5e-4, coupled: added to the          0.0, decoupled: ``lr wd w``
+                         orthogonalised gradient, through     added after orthogonalising
+                         momentum
+    ``shape_scale``      False                                True: ``sqrt(max(1, out/in))``
+    ``rest``             the same SGD                         ``optax.adamw(learning_rate,
+                                                              nesterov=True)`` (optax muon's)
+    ===================  ===================================  =================================
+
+    ``polar_method`` is independent of both: ``"polar_express"`` (default: within 7.6e-3 of
+    the polar factor at Muon's cost), ``"svd"``/``"newton_schulz"`` (exact/converged),
+    ``"muon"`` (optax.contrib.muon's Frobenius-normalised iteration: with
+    ``conventions="muon"`` this is ``optax.contrib.muon``, to float32 round-off). So a
+    Muon user switches to NOG by replacing ``optax.contrib.muon(lr)`` with
+    ``nog_optimizer(lr, conventions="muon")``.
+
+    ``olr=True`` gives every selected kernel its own OLR eta (Eqs. 20-21 on that kernel and
+    its orthogonalised gradient or momentum), capped by ``learning_rate``, instead of the
+    shape scaling (both set per-layer step sizes: ``shape_scale`` with ``olr`` raises).
+
+    Args:
+      learning_rate: rate of the selected kernels (OLR's cap with ``olr``): float > 0 or a
+        schedule.
+      conventions: ``"paper"`` or ``"muon"``, the defaults of the arguments below.
+      orthogonalize: ``"gradient"`` or ``"momentum"``: what the polar factor is taken of.
+      momentum: in ``[0, 1)``.
+      nesterov: Nesterov momentum.
+      weight_decay: ``>= 0``, for the selected kernels (``rest`` has its own).
+      shape_scale: multiply each orthogonalised update by ``sqrt(max(1, fan_out/fan_in))``.
+      olr: per-layer OLR.
+      polar_method, polar_rtol, matmul_dtype: the polar factor's ``method``, ``rtol`` and
+        ``matmul_dtype`` (:func:`~svdcond_jax.orthogonal.polar_factor`).
+      select, exclude: which leaves are orthogonalised, see :func:`nog_mask`.
+      rest: the optimizer of every other parameter; checked by :func:`check_olr_placement`.
+
+    Returns:
+      An ``optax.GradientTransformation`` (``update`` needs ``params`` for weight decay and
+      OLR); with ``olr``, :func:`find_olr_eta` returns the per-kernel etas.
+
+    Raises:
+      ValueError, TypeError: unknown ``conventions``/``orthogonalize``/``polar_method``,
+        out-of-range or mistyped hyperparameters, ``shape_scale`` with ``olr``, a ``rest``
+        that is not a transformation or feeds OLR a scaled update; at ``init``, selections
+        that match nothing (:func:`nog_mask`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)},
+      ...           "fc": {"kernel": jnp.ones((4, 10))}}
+      >>> grads = jax.tree_util.tree_map(
+      ...     lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+      >>> tx = nog_optimizer(0.1, olr=True)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> u = updates["conv"]["kernel"].reshape(18, 4)  # -eta (R + wd w): R orthogonal
+      >>> eta = float(find_olr_eta(state))
+      >>> bool(jnp.allclose(u.T @ u / eta**2, jnp.eye(4), atol=0.05))
+      True
+    """
+    fn = "nog_optimizer"
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"{fn}: conventions must be one of {CONVENTIONS}; got "
+                         f"conventions={conventions!r}")
+    orthogonalize = _pick(orthogonalize, "gradient", "momentum", conventions)
+    if orthogonalize not in ORTHOGONALIZE:
+        raise ValueError(f"{fn}: orthogonalize must be one of {ORTHOGONALIZE}; got "
+                         f"orthogonalize={orthogonalize!r}")
+    momentum = _pick(momentum, 0.9, 0.95, conventions)
+    nesterov = _pick(nesterov, False, True, conventions)
+    weight_decay = _pick(weight_decay, 5e-4, 0.0, conventions)
+    if shape_scale is None:  # Muon's width scaling, unless OLR sets the layers' rates
+        shape_scale = conventions == "muon" and not olr
+    _check_flags(fn, nesterov=nesterov, shape_scale=shape_scale, olr=olr)
+    _check_sgd_hyperparams(fn, learning_rate, momentum, weight_decay)
+    if olr and shape_scale:
+        raise ValueError(f"{fn}: shape_scale=True with olr=True: OLR sets each layer's rate "
+                         "(Eq. 20) and Muon's shape scaling is another rule for the same "
+                         "thing; pick one")
+    if rest is None:
+        rest = (_torch_sgd(learning_rate, momentum, weight_decay, nesterov)
+                if conventions == "paper" else
+                optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                            nesterov=True))
+    elif not isinstance(rest, optax.GradientTransformation):
+        raise TypeError(f"{fn}: rest must be an optax.GradientTransformation such as "
+                        f"optax.adamw(1e-3); got {type(rest).__name__}")
+    check_olr_placement(rest)
+    nog = nearest_orthogonal_gradient(method=polar_method, rtol=polar_rtol,
+                                      matmul_dtype=matmul_dtype)
+    scale = [scale_by_shape()] if shape_scale else []
+    if orthogonalize == "gradient":
+        if olr:
+            step = optimal_learning_rate(learning_rate, momentum=momentum,
+                                         weight_decay=weight_decay, nesterov=nesterov)
+        else:
+            step = _torch_sgd(learning_rate, momentum, weight_decay, nesterov)
+        matrices = optax.chain(nog, *scale, step)
+    else:
+        if olr:
+            step = optimal_learning_rate(learning_rate, weight_decay=weight_decay)
+        else:
+            step = optax.chain(optax.add_decayed_weights(weight_decay),
+                               optax.scale_by_learning_rate(learning_rate))
+        matrices = optax.chain(ema_momentum(momentum, nesterov=nesterov), nog, *scale, step)
+    labels = nog_labels(select, exclude)
+    return _with_float_checks(fn, optax.partition({"nog": matrices, "rest": rest}, labels))
 
 
 def find_olr_eta(opt_state: optax.OptState) -> jax.Array | None:

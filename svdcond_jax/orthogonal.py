@@ -4,7 +4,9 @@ Pure functions, no Flax and no optax:
 
 * :func:`as_matrix` maps a kernel to the matrix the paper reasons about (and back);
 * :func:`polar_factor` is the nearest orthogonal matrix ``U V^T`` (Eqs. 14-17), exact via
-  the SVD or approximate via a Newton-Schulz iteration, rank-aware in both;
+  the SVD, converged via a Newton-Schulz iteration, or fast via five tuned quintic steps
+  (``"polar_express"``), rank-aware in all three; ``"muon"`` is optax.contrib.muon's
+  approximation, for comparison;
 * :func:`orthogonality_loss` is the soft orthogonality penalty of Eq. 12;
 * :func:`skew_symmetric_expm` is the orthogonal parametrisation ``exp(A - A^T)`` of Eq. 13.
 
@@ -22,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdcond_jax.solvers._common import finite_or_zero, map_matrices, mm, mT, nan_where
+from svdcond_jax.solvers._common import (
+    finite_or_zero,
+    frobenius,
+    map_matrices,
+    mm,
+    mT,
+    nan_where,
+)
 
 __all__ = [
     "POLAR_METHODS",
@@ -32,7 +41,26 @@ __all__ = [
     "skew_symmetric_expm",
 ]
 
-POLAR_METHODS = ("svd", "newton_schulz")
+POLAR_METHODS = ("svd", "newton_schulz", "polar_express", "muon")
+
+# "polar_express": five odd quintic steps X <- X (a I + b A + c A^2), A = X^T X, derived and
+# checked by benchmarks/polar_coefficients.py (greedy minimax on [3e-3, 1.01], 1% cushion).
+POLAR_EXPRESS_COEFFS = (
+    (8.301929503456787, -24.04243023240437, 17.46994329070012),
+    (4.010227631797755, -2.9290201053457796, 0.5429868718678025),
+    (3.502548679977901, -2.5771760637698975, 0.5049122671754007),
+    (2.522669736637919, -1.8391980024138188, 0.4271075254971938),
+    (1.9278159201215483, -1.3033701473358166, 0.3770510170640873),
+)
+# Singular values sigma >= POLAR_EXPRESS_LOW * s (s >= sigma_max, see polar_factor) end within
+# POLAR_EXPRESS_ERROR of 1 (float64 bound; measured 7.52e-3 on a million points).
+POLAR_EXPRESS_LOW = 3e-3
+POLAR_EXPRESS_ERROR = 7.6e-3
+# The smallest (and default) cutoff: every sigma <= POLAR_EXPRESS_RTOL * s ends <= 1e-2.
+POLAR_EXPRESS_RTOL = 1.76e-5
+# "muon": optax.contrib.muon's Newton-Schulz (Frobenius normalisation, five quintic steps).
+MUON_COEFFS = (3.4445, -4.7750, 2.0315)
+MUON_STEPS = 5
 
 # Newton-Schulz: iterations of the rounding phase (see `polar_factor`), and the default
 # iteration count when rtol=0 (no cutoff).
@@ -74,17 +102,30 @@ def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_polar_options(method: Any, num_iters: Any, rtol: Any) -> None:
+def _check_polar_options(method: Any, num_iters: Any, rtol: Any,
+                         matmul_dtype: Any = None) -> None:
     if not isinstance(method, str):
         raise TypeError(f"polar_factor: method must be a str, one of {POLAR_METHODS}; "
                         f"got method={method!r}")
     if method not in POLAR_METHODS:
         raise ValueError(f"polar_factor: unknown method={method!r}; valid methods are "
                          f"{POLAR_METHODS}")
+    if matmul_dtype is not None:
+        if method not in ("polar_express", "muon"):
+            raise ValueError("polar_factor: matmul_dtype is an option of method="
+                             f"'polar_express' or 'muon'; got method={method!r}")
+        try:
+            ok = jnp.issubdtype(jnp.dtype(matmul_dtype), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise TypeError("polar_factor: matmul_dtype must be None or a floating dtype "
+                            f"such as jnp.bfloat16; got matmul_dtype={matmul_dtype!r}")
     if num_iters is not None:
-        if method == "svd":
-            raise ValueError("polar_factor: num_iters is an option of method='newton_schulz'; "
-                             f"method='svd' is exact (got num_iters={num_iters!r})")
+        if method in ("svd", "polar_express"):
+            raise ValueError("polar_factor: num_iters is an option of method='newton_schulz' "
+                             f"or 'muon'; method={method!r} has a fixed schedule (got "
+                             f"num_iters={num_iters!r})")
         if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)):
             raise TypeError("polar_factor: num_iters must be a static Python int >= 1; got "
                             f"num_iters={num_iters!r} ({type(num_iters).__name__})")
@@ -96,6 +137,16 @@ def _check_polar_options(method: Any, num_iters: Any, rtol: Any) -> None:
                             f"[0, 1); got rtol={rtol!r} ({type(rtol).__name__})")
         if not 0 <= rtol < 1:
             raise ValueError(f"polar_factor: rtol must be in [0, 1); got rtol={rtol!r}")
+        if method == "muon":
+            raise ValueError("polar_factor: method='muon' has no cutoff (it is optax's "
+                             f"iteration as is); got rtol={rtol!r}")
+        high = POLAR_EXPRESS_RTOL / POLAR_EXPRESS_LOW
+        if method == "polar_express" and not POLAR_EXPRESS_RTOL <= rtol < high:
+            raise ValueError(
+                f"polar_factor: method='polar_express' resolves cutoffs rtol in "
+                f"[{POLAR_EXPRESS_RTOL:g}, {high:.3g}) (five steps cannot lift a smaller "
+                f"singular value to 1); got rtol={rtol!r}: use method='newton_schulz' or "
+                "'svd' for it")
 
 
 # ----------------------------------------------------------------------------- as_matrix
@@ -231,12 +282,68 @@ def _polar_newton_schulz(m: jax.Array, num_iters: int | None, rtol: float) -> ja
     return x if tall else mT(x)
 
 
+def _matmul(matmul_dtype: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Batched product: full precision in the operands' dtype, or ``matmul_dtype`` operands
+    (e.g. bfloat16) accumulated in the operands' dtype (``preferred_element_type``).
+
+    On CPU, whose XLA runtime lacks some bfloat16 x bfloat16 -> float32 products (jax
+    0.10.2: "Unsupported element type for DotThunk"), the operands are rounded to
+    ``matmul_dtype`` and multiplied in the operands' dtype instead: the same products (two
+    8-bit mantissas multiply exactly in float32), summed in another order.
+    """
+    if matmul_dtype is None:
+        return mm
+
+    def native(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.matmul(a.astype(matmul_dtype), b.astype(matmul_dtype),
+                          preferred_element_type=a.dtype)
+
+    def rounded(a: jax.Array, b: jax.Array) -> jax.Array:
+        return mm(a.astype(matmul_dtype).astype(a.dtype), b.astype(matmul_dtype).astype(b.dtype))
+
+    def product(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jax.lax.platform_dependent(a, b, cpu=rounded, default=native)
+
+    return product
+
+
+def _polar_quintic(m: jax.Array, coeffs: tuple[tuple[float, float, float], ...],
+                   scale: str, alpha: float, matmul_dtype: Any) -> jax.Array:
+    """Odd quintic steps ``X <- a X + X (b A + c A^2)``, ``A = X^T X``, 3 products each
+    (for a wide ``m``, ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``: the same map).
+
+    ``scale="schatten8"``: ``X0 = alpha m / s`` with ``s = ||m||_S8 = ||A^2||_F^(1/4)``
+    (of the Frobenius-normalised ``m``), read off the first step's own ``A^2``: no extra
+    product. ``scale="frobenius"``: ``X0 = m / ||m||_F`` (optax.contrib.muon's).
+    """
+    product = _matmul(matmul_dtype)
+    if m.shape[-2] >= m.shape[-1]:  # tall: the Gram X^T X is the small one, X <- X B
+        gram, times = (lambda x: product(mT(x), x)), (lambda x, b: product(x, b))
+    else:  # wide: X X^T, X <- B X (no transposed copies of X)
+        gram, times = (lambda x: product(x, mT(x))), (lambda x, b: product(b, x))
+    fro = frobenius(m)[..., None, None]  # overflow-safe; singular values now <= 1
+    x = m / jnp.where(fro > 0, fro, 1)
+    a = gram(x)
+    a2 = product(a, a)
+    if scale == "schatten8":
+        s4 = jnp.sqrt(jnp.sum(jnp.square(a2), axis=(-2, -1), keepdims=True))  # s^4 <= 1
+        c = alpha / jnp.sqrt(jnp.sqrt(jnp.where(s4 > 0, s4, 1)))
+        x, a, a2 = c * x, c**2 * a, c**4 * a2
+    for i, (ca, cb, cc) in enumerate(coeffs):
+        if i:
+            a = gram(x)
+            a2 = product(a, a)
+        x = ca * x + times(x, cb * a + cc * a2)
+    return x
+
+
 def polar_factor(
     m: jax.Array,
     *,
     method: str = "svd",
     num_iters: int | None = None,
     rtol: float | None = None,
+    matmul_dtype: Any = None,
 ) -> jax.Array:
     """Nearest orthogonal matrix ``R = U V^T`` of ``m = U S V^T`` (Eqs. 14-17), rank-aware.
 
@@ -266,18 +373,43 @@ def polar_factor(
         result, except for singular values within about 1% of the cutoff (measured:
         docs/nog_olr.md), and never amplifies rounding noise. ``rtol=0``: no cutoff, cubic
         steps only (every nonzero singular value converges to 1, noise included).
+      * ``"polar_express"``: fast, matrix products only, the cost of optax.contrib.muon's
+        Newton-Schulz (15 products). ``X0 = alpha m / s`` with ``s = ||m||_S8 =
+        (sum sigma_i^8)^(1/8)``, between sigma_max and rank^(1/8) sigma_max, read off the
+        first step's ``A^2`` (no extra product); then five odd quintic steps
+        ``X <- X (a I + b A + c A^2)``, ``A = X^T X``, whose coefficients
+        (``POLAR_EXPRESS_COEFFS``; derived and checked by benchmarks/polar_coefficients.py,
+        Polar-Express-style greedy minimax) map every singular value in
+        ``[3e-3 s, s]`` to within 7.6e-3 of 1. The composition is ~570 x near 0 and
+        increasing below ``3e-3 s``: a singular value ``<= rtol * s`` ends ``<= 1e-2``
+        (rounding noise of float32, ~1e-7 s, ends near 6e-5), the rank-aware cut, with a
+        transition band ``(rtol, 170 rtol) * s`` in between (``alpha = 1.76e-5 / rtol``
+        places the band). bfloat16/float16 ``matmul_dtype`` runs every product in that
+        dtype with float32 accumulation (for accelerators; measured on CPU over 14
+        ResNet kernel shapes: singular values within 1e-2 to 3e-2 of 1, the bfloat16
+        rounding floor, docs/nog_olr.md).
+      * ``"muon"``: optax.contrib.muon's iteration as is, for comparison: ``m / ||m||_F``,
+        then ``num_iters`` (5) steps of the quintic ``(3.4445, -4.7750, 2.0315)``. Not a
+        polar factor: singular values end spread over roughly [0.7, 1.2] (measured,
+        docs/nog_olr.md), small ones not lifted; no cutoff (``rtol`` must be None).
 
     Args:
       m: real floating array of shape ``(..., rows, cols)``, rows, cols >= 1.
-      method: ``"svd"`` or ``"newton_schulz"``.
-      num_iters: Newton-Schulz only (an error with ``"svd"``), int >= 1: the total number
-        of steps; the first ``min(n, num_iters)`` are cubic, the rest rounding steps.
-        None (default): ``n + 10`` (42 for a 27 x 16 float32 matrix at the default rtol;
-        40 cubic steps when rtol = 0). Fewer steps leave the singular values between
-        ~1.5^-num_iters and the cutoff partly converged.
+      method: ``"svd"``, ``"newton_schulz"``, ``"polar_express"`` or ``"muon"``.
+      num_iters: ``"newton_schulz"`` and ``"muon"`` only (an error with the others), int
+        >= 1. Newton-Schulz: the total number of steps; the first ``min(n, num_iters)``
+        are cubic, the rest rounding steps. None (default): ``n + 10`` (42 for a 27 x 16
+        float32 matrix at the default rtol; 40 cubic steps when rtol = 0). Fewer steps
+        leave the singular values between ~1.5^-num_iters and the cutoff partly
+        converged. Muon: its number of steps (default 5).
       rtol: relative cutoff in [0, 1); None (default) is
         ``max(rows, cols) * eps`` of the compute dtype (NumPy's ``matrix_rank``
-        tolerance; 3.2e-6 for a 27 x 16 float32 matrix).
+        tolerance; 3.2e-6 for a 27 x 16 float32 matrix) for ``"svd"`` and
+        ``"newton_schulz"``, and ``1.76e-5`` (relative to ``s``), the smallest it resolves,
+        for ``"polar_express"`` (which accepts [1.76e-5, 5.9e-3)).
+      matmul_dtype: ``"polar_express"`` and ``"muon"`` only: None (default) multiplies in
+        the compute dtype at full precision; a floating dtype (``jnp.bfloat16``) casts the
+        operands of every product to it and accumulates in the compute dtype.
 
     Returns:
       Array of ``m``'s shape and dtype (bfloat16/float16 computed in float32) whose
@@ -287,9 +419,12 @@ def polar_factor(
 
     Raises:
       ValueError: ``m`` not ``(..., rows, cols)`` with rows, cols >= 1; an unknown
-        ``method``; ``num_iters < 1`` or given with ``"svd"``; ``rtol`` outside [0, 1).
+        ``method``; ``num_iters < 1`` or given with ``"svd"``/``"polar_express"``; ``rtol``
+        outside [0, 1), outside ``"polar_express"``'s range, or given with ``"muon"``;
+        ``matmul_dtype`` with ``"svd"``/``"newton_schulz"``.
       TypeError: ``m`` not a real floating array; ``method`` not a str; ``num_iters`` not
-        an int (e.g. 2.5, True); ``rtol`` not a real number.
+        an int (e.g. 2.5, True); ``rtol`` not a real number; ``matmul_dtype`` not a
+        floating dtype.
 
     Example:
       >>> import jax.numpy as jnp
@@ -300,18 +435,28 @@ def polar_factor(
       >>> r = polar_factor(jnp.array([[2.0, 0.0], [0.0, 1e-9]]), method="newton_schulz")
       >>> r.round(5).tolist()
       [[1.0, 0.0], [0.0, 0.0]]
+      >>> r = polar_factor(jnp.array([[2.0, 0.0], [0.0, 0.5]]), method="polar_express")
+      >>> bool(jnp.allclose(r, jnp.eye(2), atol=1e-2))
+      True
     """
-    _check_polar_options(method, num_iters, rtol)
+    _check_polar_options(method, num_iters, rtol, matmul_dtype)
     m = _as_float_array("m", m, "polar_factor")
     _check_matrix("m", m, "polar_factor")
     dtype = m.dtype
     # A matrix with an Inf entry would hang LAPACK's SVD: it is replaced by 0, then NaN.
     mc, bad = finite_or_zero(m.astype(_compute_dtype(dtype)))
-    rtol = default_rtol(*m.shape[-2:], dtype) if rtol is None else float(rtol)
-    if method == "svd":
-        r = _polar_svd(mc, rtol)
+    if method == "polar_express":
+        alpha = 1.0 if rtol is None else POLAR_EXPRESS_RTOL / float(rtol)
+        r = _polar_quintic(mc, POLAR_EXPRESS_COEFFS, "schatten8", alpha, matmul_dtype)
+    elif method == "muon":
+        steps = MUON_STEPS if num_iters is None else int(num_iters)
+        r = _polar_quintic(mc, (MUON_COEFFS,) * steps, "frobenius", 1.0, matmul_dtype)
     else:
-        r = _polar_newton_schulz(mc, num_iters, rtol)
+        rtol = default_rtol(*m.shape[-2:], dtype) if rtol is None else float(rtol)
+        if method == "svd":
+            r = _polar_svd(mc, rtol)
+        else:
+            r = _polar_newton_schulz(mc, num_iters, rtol)
     return nan_where(bad, r).astype(dtype)
 
 

@@ -1,14 +1,18 @@
-"""optax transforms for the Pre-SVD layer: NOG (Eqs. 14-17) and OLR (Eqs. 18-21).
+"""optax transforms for NOG (Eqs. 14-17) and OLR (Eqs. 18-21), leaf by leaf.
 
 * :func:`nearest_orthogonal_gradient` replaces each gradient leaf by its polar factor; it
-  goes first in a chain, on the raw gradient.
+  goes first in a chain, on the raw gradient (or, Muon's way, after :func:`ema_momentum`).
 * :func:`optimal_learning_rate` is a complete SGD optimizer (weight decay, momentum, and the
   step, already negated) whose learning rate is the optimal ``eta`` of Eq. 20 clipped by the
-  switch of Eq. 21. It goes where ``optax.sgd`` would go, last in the chain.
+  switch of Eq. 21, per leaf. It goes where ``optax.sgd`` would go, last in the chain.
+* :func:`ema_momentum` and :func:`scale_by_shape` are optax.contrib.muon's conventions
+  (momentum before orthogonalising, width scaling), for the all-layer recipes.
 
-Both are meant for the Pre-SVD parameter only: select it with ``optax.partition`` and
-:func:`~svdcond_jax.optimizers.pre_svd_labels`, or use
-:func:`~svdcond_jax.optimizers.pre_svd_sgd`, which does it for you. See docs/nog_olr.md.
+Every transform acts on each leaf it is given and knows nothing of which leaves those are:
+the paper applies NOG and OLR to the Pre-SVD parameter only
+(:func:`~svdcond_jax.optimizers.pre_svd_sgd`, :func:`~svdcond_jax.optimizers.pre_svd_optimizer`),
+:func:`~svdcond_jax.optimizers.nog_optimizer` to every conv and dense kernel; the selection
+lives in :mod:`svdcond_jax.optimizers`. See docs/nog_olr.md.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ import numpy as np
 import optax
 
 from svdcond_jax._paths import array_leaves_with_paths
-from svdcond_jax.orthogonal import POLAR_METHODS, as_matrix, polar_factor
+from svdcond_jax.orthogonal import POLAR_METHODS, _check_polar_options, as_matrix, polar_factor
 
 __all__ = [
+    "EmaMomentumState",
     "OptimalLearningRateState",
+    "ema_momentum",
     "nearest_orthogonal_gradient",
     "optimal_eta",
     "optimal_learning_rate",
+    "scale_by_shape",
 ]
 
 
@@ -138,16 +145,18 @@ def _polar_leaf(g: jax.Array, kwargs: dict[str, Any]) -> jax.Array:
 
 
 def nearest_orthogonal_gradient(
-    *, method: str = "svd", num_iters: int | None = None, rtol: float | None = None
+    *, method: str = "svd", num_iters: int | None = None, rtol: float | None = None,
+    matmul_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """Nearest Orthogonal Gradient (NOG, Eqs. 14-17).
 
     Every leaf ``g`` is reshaped with :func:`~svdcond_jax.orthogonal.as_matrix` to
     ``(prod(shape[:-1]), shape[-1])``, replaced by its polar factor ``U V^T`` (all singular
-    values set to 1, no rescaling by the gradient norm) and reshaped back. Place it FIRST,
-    on the raw gradient, before weight decay, momentum and
-    :func:`optimal_learning_rate` (docs/nog_olr.md), and only on the Pre-SVD parameter
-    (``optax.partition`` or ``optax.masked``).
+    values set to 1, no rescaling by the gradient norm) and reshaped back. The paper places
+    it FIRST, on the raw gradient, before weight decay, momentum and
+    :func:`optimal_learning_rate` (docs/nog_olr.md), on the Pre-SVD parameter only
+    (``optax.partition`` or ``optax.masked``); Muon orthogonalises the momentum instead
+    (after :func:`ema_momentum`). It transforms every leaf it receives.
 
     Values: a zero gradient gives a zero update; a gradient with any NaN or Inf gives an
     all-NaN update (so that ``optax.apply_if_finite`` skips the step). The polar factor is
@@ -156,22 +165,29 @@ def nearest_orthogonal_gradient(
     returned in their own dtype.
 
     Args:
-      method: ``"svd"`` (exact) or ``"newton_schulz"``, see
-        :func:`~svdcond_jax.orthogonal.polar_factor`.
-      num_iters: Newton-Schulz iterations, ``>= 1`` (``None``: polar_factor's default);
-        only with ``method="newton_schulz"``.
+      method: ``"svd"`` (exact), ``"newton_schulz"`` (converged), ``"polar_express"``
+        (fast: within 7.6e-3 of the polar factor on singular values down to 3e-3 of the
+        largest, at optax.contrib.muon's cost) or ``"muon"`` (optax.contrib.muon's
+        approximation), see :func:`~svdcond_jax.orthogonal.polar_factor`.
+      num_iters: steps of ``"newton_schulz"`` or ``"muon"``, ``>= 1`` (``None``:
+        polar_factor's default).
       rtol: forwarded to ``polar_factor(..., rtol=rtol)`` when not ``None``: singular values
-        below ``rtol * sigma_max`` are treated as zero (rank-aware NOG). ``0 <= rtol < 1``.
+        below ``rtol * sigma_max`` are treated as zero (rank-aware NOG). ``0 <= rtol < 1``
+        (``"polar_express"``: [1.76e-5, 5.9e-3); ``"muon"``: none).
+      matmul_dtype: ``"polar_express"``/``"muon"`` only: e.g. ``jnp.bfloat16`` products
+        with float32 accumulation (accelerators).
 
     Returns:
       A stateless ``optax.GradientTransformation``.
 
     Raises:
       ValueError: at construction, for an unknown ``method``, ``num_iters < 1`` or
-        ``num_iters`` with ``method="svd"``, or ``rtol`` outside ``[0, 1)``; in ``init`` and
-        ``update``, naming the parameter path, for a leaf with ``ndim < 2``.
-      TypeError: for a non-integer ``num_iters``, a non-real ``rtol``, or (naming the path)
-        a leaf whose dtype is not real floating (int, bool, complex).
+        ``num_iters`` with ``method="svd"``/``"polar_express"``, ``rtol`` outside ``[0, 1)``
+        or the method's range, ``matmul_dtype`` with ``"svd"``/``"newton_schulz"``; in
+        ``init`` and ``update``, naming the parameter path, for a leaf with ``ndim < 2``.
+      TypeError: for a non-integer ``num_iters``, a non-real ``rtol``, a non-floating
+        ``matmul_dtype``, or (naming the path) a leaf whose dtype is not real floating
+        (int, bool, complex).
 
     Example:
       >>> import jax.numpy as jnp
@@ -190,15 +206,22 @@ def nearest_orthogonal_gradient(
             raise TypeError(f"{fn}: num_iters must be an int, got num_iters={num_iters!r}")
         if num_iters < 1:
             raise ValueError(f"{fn}: num_iters must be >= 1, got num_iters={num_iters}")
-        if method != "newton_schulz":
+        if method not in ("newton_schulz", "muon"):
             raise ValueError(
-                f"{fn}: num_iters={num_iters} only applies to method='newton_schulz', "
-                f"got method={method!r}"
+                f"{fn}: num_iters={num_iters} only applies to method='newton_schulz' or "
+                f"'muon', got method={method!r}"
             )
         kwargs["num_iters"] = int(num_iters)
     if rtol is not None:
         _check_real(fn, "rtol", rtol, low=0.0, high=1.0)
         kwargs["rtol"] = float(rtol)
+    if matmul_dtype is not None:
+        kwargs["matmul_dtype"] = matmul_dtype
+    try:  # the method-specific ranges, now rather than at the first update
+        _check_polar_options(method, kwargs.get("num_iters"), kwargs.get("rtol"),
+                             matmul_dtype)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{fn}: {err}") from None
 
     def check(what: str, tree: Any) -> None:
         _check_float_leaves(fn, what, tree)
@@ -219,6 +242,129 @@ def nearest_orthogonal_gradient(
         del params
         check("update", updates)
         return jax.tree_util.tree_map(lambda g: _polar_leaf(g, kwargs), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ------------------------------------------------------------------- Muon's conventions
+
+
+class EmaMomentumState(NamedTuple):
+    """State of :func:`ema_momentum`: step count and the exponential moving average."""
+
+    count: jax.Array
+    mu: Any
+
+
+EmaMomentumState.count.__doc__ = "int32 scalar: number of updates so far."
+EmaMomentumState.mu.__doc__ = (
+    "Pytree like params (at least float32): mu = beta * mu + (1 - beta) * g, zeros before "
+    "the first step (not bias-corrected; the output is)."
+)
+
+
+def ema_momentum(beta: float = 0.95, *, nesterov: bool = True) -> optax.GradientTransformation:
+    """Momentum as optax.contrib.muon accumulates it, to orthogonalise afterwards.
+
+    Per leaf, at step ``t >= 1``: ``mu_t = beta mu_(t-1) + (1 - beta) g_t`` and the output
+    ``mu_t / (1 - beta^t)`` or, with ``nesterov`` (Muon's default),
+    ``beta mu_t / (1 - beta^(t+1)) + (1 - beta) g_t / (1 - beta^t)`` -- exactly
+    ``optax.contrib.scale_by_muon``'s, so that
+    ``chain(ema_momentum(b), nearest_orthogonal_gradient(method="muon"))`` is its update.
+    The paper's NOG instead orthogonalises the raw gradient and lets SGD's momentum
+    (``optax.trace``) average the orthogonalised ones (docs/nog_olr.md, "NOG and Muon").
+
+    Args:
+      beta: decay in ``[0, 1)``.
+      nesterov: Nesterov's look-ahead, as optax.contrib.muon computes it.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`EmaMomentumState`.
+
+    Raises:
+      ValueError, TypeError: at construction, for ``beta`` outside ``[0, 1)`` or not a
+        number, a non-bool ``nesterov``; in ``init``/``update``, naming the path, for a
+        leaf whose dtype is not real floating.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = ema_momentum(0.5, nesterov=False)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> u, state = tx.update({"w": jnp.ones(2)}, state)
+      >>> u["w"].tolist()  # the bias correction undoes the (1 - beta) of the first step
+      [1.0, 1.0]
+    """
+    fn = "ema_momentum"
+    _check_real(fn, "beta", beta, low=0.0, high=1.0)
+    if not isinstance(nesterov, bool | np.bool_):
+        raise TypeError(f"{fn}: nesterov must be a bool, got nesterov={nesterov!r}")
+
+    def init_fn(params: optax.Params) -> EmaMomentumState:
+        _check_float_leaves(fn, "parameter", params)
+        mu = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, _work_dtype(w)), params)
+        return EmaMomentumState(count=jnp.zeros([], jnp.int32), mu=mu)
+
+    def update_fn(updates: optax.Updates, state: EmaMomentumState,
+                  params: optax.Params | None = None) -> tuple[optax.Updates, EmaMomentumState]:
+        del params
+        _check_float_leaves(fn, "update", updates)
+        count = optax.safe_int32_increment(state.count)
+        t = count.astype(jnp.float32)
+
+        def leaf(g: jax.Array, mu: jax.Array) -> tuple[jax.Array, jax.Array]:
+            g32 = g.astype(mu.dtype)
+            mu = beta * mu + (1 - beta) * g32
+            if nesterov:
+                out = (beta * mu / (1 - beta ** (t + 1)) + (1 - beta) * g32 / (1 - beta**t))
+            else:
+                out = mu / (1 - beta**t)
+            return out.astype(g.dtype), mu
+
+        treedef = jax.tree_util.tree_structure(updates)
+        pairs = [leaf(g, m) for g, m in zip(treedef.flatten_up_to(updates),
+                                            treedef.flatten_up_to(state.mu), strict=True)]
+        out, mu = (treedef.unflatten([p[i] for p in pairs]) for i in range(2))
+        return out, EmaMomentumState(count, mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_shape() -> optax.GradientTransformation:
+    """Muon's width scaling: each leaf times ``sqrt(max(1, fan_out / fan_in))``.
+
+    ``(fan_in, fan_out)`` is the shape of :func:`~svdcond_jax.orthogonal.as_matrix` of the
+    leaf (``(kh*kw*in, out)`` for an HWIO conv kernel), the reduction and output axes
+    ``optax.contrib.muon`` uses for such kernels. Placed after the orthogonalisation, it
+    gives a wide layer's (fan_out > fan_in) orthogonal update the size a square one's
+    would have per output.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``; leaves need ``ndim >= 2``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> u, _ = scale_by_shape().update({"k": jnp.ones((1, 1, 2, 8))}, None)
+      >>> float(u["k"][0, 0, 0, 0])  # sqrt(8 / 2)
+      2.0
+    """
+    fn = "scale_by_shape"
+
+    def init_fn(params: optax.Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates: optax.Updates, state: Any,
+                  params: optax.Params | None = None) -> tuple[optax.Updates, Any]:
+        del params
+        for path, x in array_leaves_with_paths(updates):
+            if x.ndim < 2:
+                raise ValueError(f"{fn}: update {path!r} has shape {x.shape}; needs ndim >= 2")
+
+        def leaf(u: jax.Array) -> jax.Array:
+            fan_in, fan_out = math.prod(u.shape[:-1]), u.shape[-1]
+            return (u * math.sqrt(max(1.0, fan_out / fan_in))).astype(u.dtype)
+
+        return jax.tree_util.tree_map(leaf, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -372,17 +518,21 @@ def optimal_learning_rate(
     at this transform's step count). eta comes from the incoming gradient alone, before
     weight decay and momentum, and multiplies the whole momentum step (docs/nog_olr.md).
 
-    Composition. Do not chain it after ``optax.sgd``, ``optax.scale_by_learning_rate`` or
-    any other transform that negates or rescales the update: it would compute eta from the
-    wrong vector and step uphill. ``inner=`` was removed for that reason. Natural uses::
+    Composition. Do not chain it after ``optax.sgd``, ``optax.scale_by_learning_rate``,
+    ``optax.scale_by_adam`` or any other transform that negates or rescales the update: it
+    would compute eta from the wrong vector (and after a negation step uphill). ``inner=``
+    was removed for that reason, and
+    :func:`~svdcond_jax.optimizers.check_olr_placement` refuses such a chain (``optax.chain``
+    gives OLR no way to see what precedes it when it is built). Natural uses::
 
         optax.chain(nearest_orthogonal_gradient(),
                     optimal_learning_rate(lr, momentum=0.9, weight_decay=5e-4))
         optax.inject_hyperparams(optimal_learning_rate)(learning_rate=lr, momentum=0.9)
 
     placed on the Pre-SVD subtree with ``optax.partition`` next to
-    ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))`` for the rest
-    (see :mod:`svdcond_jax.optimizers`).
+    ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))`` or any other
+    optimizer for the rest (see :mod:`svdcond_jax.optimizers`; next to AdamW, ``lr`` is still
+    an SGD rate: :func:`~svdcond_jax.optimizers.pre_svd_optimizer`).
 
     Values (only known under ``jit``): a zero weight or gradient gives ``eta* = 0`` and the
     switch uses ``lr_t``; a NaN/Inf weight or gradient, or a scheduled / injected ``lr_t``

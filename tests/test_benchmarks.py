@@ -142,3 +142,31 @@ def test_runtime_caps_lapack_threads_and_caches_compilations(tmp_path, scipy_fir
         print(json.dumps(runtime.configure(cache_dir=None)))
     """, {**env, "OPENBLAS_NUM_THREADS": "2"})
     assert explicit == {"blas_threads": 2, "cache_dir": None}  # the user's setting wins
+
+
+def test_polar_benchmark_quick_rows_meet_the_accuracy_target():
+    """benchmarks/polar.py at two tiny shapes: every method runs, polar_express is within
+    1e-2 of 1 on the non-null space with Muon's product count, Muon's routine is not."""
+    from benchmarks import polar
+
+    report = polar.run(polar.QUICK_SHAPES, repeats=1, log=lambda _: None)
+    rows = {(r["shape"], r["method"]): r for r in report["rows"]}
+    assert len(rows) == len(polar.QUICK_SHAPES) * len(polar.METHODS)
+    for shape, _, _ in polar.QUICK_SHAPES:
+        fast, muon = rows[(shape, "polar_express")], rows[(shape, "muon")]
+        assert fast["max_abs_s_minus_1"] <= 1e-2 < muon["max_abs_s_minus_1"]
+        assert fast["products"] == muon["products"] == 15
+        assert rows[(shape, "svd")]["cos"] > 1 - 1e-6
+    report.update(polar.provenance(["--quick"]), repeats=1, load_avg_end=(0.0, 0.0, 0.0))
+    assert "| polar_express |" in polar.markdown(report)
+
+
+def test_polar_benchmark_times_a_whole_update():
+    from benchmarks import polar
+
+    report = polar.run_update("TinyResNet", repeats=1, log=lambda _: None)
+    assert report["kernels"] == 6  # TinyResNet's convs, fc excluded
+    assert [r["method"] for r in report["update_rows"]][-1] == "optax.contrib.muon"
+    report.update(polar.provenance(["--update", "TinyResNet"]), repeats=1,
+                  load_avg_end=(0.0, 0.0, 0.0))
+    assert "| nog_optimizer polar_express |" in polar.update_markdown(report)

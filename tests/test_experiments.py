@@ -201,9 +201,10 @@ def test_config_files_load_and_document_a_command(path: Path) -> None:
         assert config.method in module.METHODS
     local = module.get_config("runlocal")
     assert 0 < local.num_train_steps <= 10 and local.batch_size <= 32
-    from svdcond_jax.training.methods import METHODS
+    from svdcond_jax.training.methods import METHODS, parse_method
 
-    assert set(module.METHODS) <= set(METHODS)
+    for method in module.METHODS:  # a paper row, optionally @<optimizer>
+        parse_method(method)
     assert set(getattr(module, "PAPER", {})) <= set(METHODS)
 
 

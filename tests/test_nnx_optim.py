@@ -169,3 +169,28 @@ def test_nnx_trajectory_equals_linen_pytree_trajectory():
             _pure_params(model), params)
         np.testing.assert_allclose(sc.find_olr_eta(optimizer.opt_state), sc.find_olr_eta(state),
                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sc.pre_svd_optimizer(0.1, PATTERN, rest=optax.adamw(1e-3)),
+    lambda: sc.nog_optimizer(0.1, olr=True),
+    lambda: sc.nog_optimizer(0.02, conventions="muon"),
+], ids=["pre_svd_optimizer(adamw)", "nog_optimizer(olr)", "nog_optimizer(muon)"])
+def test_recipes_under_nnx_optimizer_equal_the_pytree_path(make):
+    """The NNX model's kernels are selected by the same paths (head/kernel excluded by the
+    default), and nnx.Optimizer takes the same steps as the plain pytree optimizer."""
+    model = Net(nnx.Rngs(3))
+    optimizer = nnx.Optimizer(model, make(), wrt=nnx.Param)
+    params = _pure_params(model)
+    tx = make()
+    state = tx.init(params)
+    x, y = _data()
+    for _ in range(2):
+        grads = nnx.grad(_loss)(model, x, y)
+        updates, state = tx.update(nnx.to_pure_dict(nnx.state(grads, nnx.Param)), state, params)
+        params = optax.apply_updates(params, updates)
+        optimizer.update(model, grads)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+            _pure_params(model), params)
+    assert sc.nog_labels()(params)["head"]["kernel"] == "rest"

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from svdcond_jax import orthogonal
 from svdcond_jax.orthogonal import (
     as_matrix,
     default_rtol,
@@ -243,3 +244,142 @@ def test_skew_symmetric_expm_is_orthogonal():
     q = skew_symmetric_expm(a)
     for i in range(2):
         np.testing.assert_allclose(q[i] @ q[i].T, np.eye(6), atol=1e-5)
+
+
+# ------------------------------------------------------------------ polar_express
+
+
+def _schatten8(m: np.ndarray) -> float:
+    return float(np.sum(_singular_values(m) ** 8) ** (1 / 8))
+
+
+def test_polar_express_coefficients_meet_their_claims(x64):
+    """The committed schedule, composed in float64 on a million points: within
+    POLAR_EXPRESS_ERROR (< 1e-2) of 1 on [3e-3, 1.01], increasing below 3e-3, <= 1e-2 up
+    to POLAR_EXPRESS_RTOL, never above 1 + error."""
+    from benchmarks.polar_coefficients import CUSHION, LOW, verify
+
+    assert (LOW, 1 + CUSHION) == (orthogonal.POLAR_EXPRESS_LOW, 1.01)
+    got = verify(orthogonal.POLAR_EXPRESS_COEFFS)
+    assert got["error"] <= orthogonal.POLAR_EXPRESS_ERROR < 1e-2
+    assert got["cut"] >= orthogonal.POLAR_EXPRESS_RTOL
+    assert got["increasing"] and got["max"] <= 1 + orthogonal.POLAR_EXPRESS_ERROR
+    assert len(orthogonal.POLAR_EXPRESS_COEFFS) == 5  # optax.contrib.muon's step count
+
+
+def test_polar_express_coefficients_are_the_derived_ones():
+    pytest.importorskip("scipy")
+    from benchmarks.polar_coefficients import derive
+
+    np.testing.assert_allclose(derive(), orthogonal.POLAR_EXPRESS_COEFFS, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (27, 64), (300, 40)])
+def test_polar_express_reaches_its_accuracy_over_the_claimed_interval(shape):
+    """Singular values log-spaced over [3.2e-3 s, s] (s the Schatten-8 norm, a third of
+    them at the top so that s is loose): all end within 7.6e-3 (+ float32 round-off) of 1,
+    and the factor is within that of the exact one in spectral norm."""
+    k = min(shape)
+    s8 = (k // 3 + 1) ** (1 / 8)  # about the Schatten-8 norm of the spectrum below
+    s = np.geomspace(1.0, 3.2e-3 * s8, k)
+    s[: k // 3] = 1.0
+    m, _, _ = _with_singular_values(np.random.default_rng(11), *shape, s)
+    assert _singular_values(m).min() / _schatten8(m) >= orthogonal.POLAR_EXPRESS_LOW
+    r = polar_factor(jnp.asarray(m, jnp.float32), method="polar_express")
+    err = np.abs(_singular_values(r) - 1).max()
+    assert err <= orthogonal.POLAR_EXPRESS_ERROR + 1e-4, err
+    diff = np.asarray(r, np.float64) - _polar_f64(m)
+    assert np.linalg.norm(diff, 2) <= orthogonal.POLAR_EXPRESS_ERROR + 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_polar_express_rank_deficient_input_gives_the_partial_isometry(seed):
+    """9 singular values in [1, 3], 7 exactly 0 (float32 rounding ~1e-7): the 9 end within
+    1e-2 of 1, the 7 at the rounding level times the iteration's slope (~570 x) -- far
+    below the 1e-2 of the cut -- and R is within 1e-2 of U_9 V_9^T in spectral norm."""
+    s = np.concatenate([np.random.default_rng(seed).uniform(1, 3, 9), np.zeros(7)])
+    m, u, v = _with_singular_values(np.random.default_rng(seed), 27, 16, s)
+    r = np.asarray(polar_factor(jnp.asarray(m, jnp.float32), method="polar_express"),
+                   np.float64)
+    sv = _singular_values(r)
+    assert np.abs(sv[:9] - 1).max() <= orthogonal.POLAR_EXPRESS_ERROR + 1e-4
+    assert sv[9:].max() < 1e-3
+    assert np.linalg.norm(r - u[:, :9] @ v[:, :9].T, 2) < 1e-2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_polar_express_is_continuous_on_a_rank_deficient_gradient(seed):
+    g = _stem_gradient(seed)
+    d = np.random.default_rng(100 + seed).normal(size=g.shape)
+    dg = jnp.asarray(d * (3e-7 * np.linalg.norm(np.asarray(g)) / np.linalg.norm(d)), g.dtype)
+    r0, r1 = (np.asarray(polar_factor(x, method="polar_express"), np.float64)
+              for x in (g, g + dg))
+    sv = _singular_values(g)
+    assert np.linalg.norm(r1 - r0) / np.linalg.norm(r0) < 100 * 3e-7 * sv[0] / sv[8]
+    # and it agrees with the exact rank-aware factor to its accuracy
+    assert np.linalg.norm(r0 - np.asarray(polar_factor(g), np.float64), 2) < 1e-2
+
+
+def test_polar_express_rtol_places_the_cut():
+    """rtol = 1e-4: a singular value at 0.5 rtol s ends <= 1e-2, those >= 170 rtol s end
+    within 1e-2 of 1 (alpha = 1.76e-5 / rtol moves the design interval)."""
+    rtol = 1e-4
+    s = np.array([1.0, 0.5, 0.05, 0.02, 0.5 * rtol, 0.1 * rtol])
+    m, _, _ = _with_singular_values(np.random.default_rng(7), 8, 6, s)
+    sn = _singular_values(m) / _schatten8(m)
+    assert sn[3] >= rtol / orthogonal.POLAR_EXPRESS_RTOL * orthogonal.POLAR_EXPRESS_LOW
+    r = polar_factor(jnp.asarray(m, jnp.float32), method="polar_express", rtol=rtol)
+    sv = _singular_values(r)
+    assert np.abs(sv[:4] - 1).max() < 1e-2 and sv[4:].max() <= 1e-2, sv
+
+
+def test_polar_express_costs_no_more_than_optax_muon():
+    """Same number of matrix products as optax.contrib.muon's Newton-Schulz (5 quintic
+    steps): XLA's flop count of the compiled functions (speed: benchmarks/polar.py)."""
+    from optax.contrib import _muon
+
+    coeffs = jnp.asarray(_muon._DEFAULT_NS_COEFFS)
+
+    def flops(f, shape):
+        compiled = jax.jit(f).lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    for shape in [(576, 64), (64, 256), (147, 64)]:
+        ours = flops(lambda x: polar_factor(x, method="polar_express"), shape)
+        muon = flops(lambda x: _muon.orthogonalize_via_newton_schulz(x, coeffs, 5), shape)
+        assert ours <= muon, (shape, ours, muon)
+
+
+def test_muon_method_is_optax_muons_newton_schulz():
+    from optax.contrib import _muon
+
+    coeffs = jnp.asarray(_muon._DEFAULT_NS_COEFFS)
+    for shape in [(27, 16), (16, 40)]:
+        m = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+        ref = _muon.orthogonalize_via_newton_schulz(m, coeffs, 5)
+        np.testing.assert_allclose(polar_factor(m, method="muon"), ref, atol=1e-5)
+        sv = _singular_values(ref)  # not a polar factor: spread around 1
+        assert sv.max() > 1.05 and sv.min() < 0.95
+
+
+def test_polar_express_bfloat16_products_accumulate_in_float32():
+    m = jnp.asarray(np.random.default_rng(5).normal(size=(96, 32)), jnp.float32)
+    f = lambda x: polar_factor(x, method="polar_express", matmul_dtype=jnp.bfloat16)
+    text = str(jax.make_jaxpr(f)(m))
+    assert "bf16[" in text and "preferred_element_type=float32" in text
+    r = f(m)
+    assert r.dtype == jnp.float32
+    # bfloat16 operands (8 bits of mantissa) bound the accuracy: measured 8e-3 here
+    assert np.abs(_singular_values(r) - 1).max() < 3e-2
+
+
+def test_polar_express_batched_and_zero():
+    m = jnp.asarray(np.random.default_rng(6).normal(size=(4, 20, 12)), jnp.float32)
+    m = m.at[2].set(0.0)
+    f = jax.jit(lambda x: polar_factor(x, method="polar_express"))
+    r = f(m)
+    single = jnp.stack([f(x) for x in m])
+    np.testing.assert_allclose(r, single, atol=1e-5)
+    np.testing.assert_array_equal(r[2], 0.0)
+    assert np.abs(_singular_values(r[0]) - 1).max() < 1e-2

@@ -88,6 +88,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_boundaries_epochs = (10, 20)
     config.lr_decay = 0.1
     config.ol_coeff = 1e-2  # orthogonality-loss weight (the paper gives none; Sec. 4.2)
+    # The optimizer of every parameter the method's +nog/+olr do not treat, for method names
+    # without "@<optimizer>" (methods.OPTIMIZERS): "sgd" (learning_rate, momentum,
+    # weight_decay above: the paper's), "adamw", "muon" (optax.contrib.muon), "nog",
+    # "nog+olr" (NOG / NOG + per-layer OLR on every conv and dense kernel but the head, at
+    # the SGD fields above). The Pre-SVD layer's NOG/OLR always use the SGD fields, and
+    # learning_rate is OLR's cap. Every rate follows the same decay (lr_boundaries_epochs).
+    config.optimizer = "sgd"
+    config.adamw_learning_rate = 1e-3  # "adamw", and muon's AdamW for the non-matrices
+    config.adamw_weight_decay = 1e-4  # decoupled (optax.adamw's default)
+    config.muon_learning_rate = 0.02  # "muon": rate of the orthogonalised kernels
+    config.muon_weight_decay = 0.0  # "muon": decoupled, on the kernels (optax's default)
+    config.polar_method = "polar_express"  # "nog"/"nog+olr": orthogonal.POLAR_METHODS
     # --- telemetry / output -------------------------------------------------------------
     config.monitor_every_steps = 20  # float64 conditioning of the Pre-SVD output
     config.log_every_steps = 20
@@ -233,10 +245,27 @@ def _data_sources() -> Sequence[str]:
     return DATA_SOURCES
 
 
-def _methods() -> Sequence[str]:
-    from svdcond_jax.training.methods import METHODS
+def _method(v: Any) -> str | None:
+    from svdcond_jax.training.methods import METHODS, OPTIMIZERS, parse_method
 
-    return METHODS
+    try:
+        parse_method(v)
+    except ValueError:
+        return (f"one of {', '.join(METHODS)}, optionally followed by @<optimizer> "
+                f"({', '.join(OPTIMIZERS)})")
+    return None
+
+
+def _optimizers() -> Sequence[str]:
+    from svdcond_jax.training.methods import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _polar_methods() -> Sequence[str]:
+    from svdcond_jax.orthogonal import POLAR_METHODS
+
+    return POLAR_METHODS
 
 
 def _tasks() -> Sequence[str]:
@@ -278,7 +307,7 @@ RULES: dict[str, Rule] = {
     "shuffle_buffer": _int(1),
     "model": _model,
     "num_filters": _int(1, or_minus_one=True),
-    "method": _one_of(_methods),
+    "method": _method,
     "task": _one_of(_tasks),
     "dbn_eps": _number(0.0, low_open=True),  # eps*I makes the singular stem covariance PD
     "dbn_eps_relative": _bool,
@@ -296,6 +325,12 @@ RULES: dict[str, Rule] = {
     "lr_boundaries_epochs": _epochs,
     "lr_decay": _number(0.0, low_open=True, high=1.0),
     "ol_coeff": _number(0.0),
+    "optimizer": _one_of(_optimizers),
+    "adamw_learning_rate": _number(0.0, low_open=True),
+    "adamw_weight_decay": _number(0.0),
+    "muon_learning_rate": _number(0.0, low_open=True),
+    "muon_weight_decay": _number(0.0),
+    "polar_method": _one_of(_polar_methods),
     "monitor_every_steps": _int(1),
     "log_every_steps": _int(1),
     "eval_every_epochs": _int(1),
@@ -316,12 +351,16 @@ def validate_config(config: Any) -> None:
     Rules (:data:`RULES`): sizes, counts and periods are integers >= 1 (``-1`` means
     "default"/"all" where :func:`get_config` says so; ``prefetch`` may be 0); the learning
     rate and ``dbn_eps`` are finite and > 0; ``momentum`` is in [0, 1); ``lr_decay`` in
-    (0, 1]; weight decay and ``ol_coeff`` are finite and >= 0; ``lr_boundaries_epochs`` are
-    increasing epochs >= 1; names (dataset, data_source, model, method, task, prng_impl,
-    parallel) are known; flags are bools; ``seed`` is in [0, 2**32 - 1]. Across fields:
-    ``max_train_examples`` (when set) is at least ``batch_size`` (else an epoch has no
-    batch); ``cv_folds`` is 0 or >= 2, only for digits, and ``cv_fold < cv_folds``.
-    Fields the defaults do not have are rejected (a typo would be ignored).
+    (0, 1]; weight decays and ``ol_coeff`` are finite and >= 0; the AdamW and Muon rates
+    are finite and > 0; ``lr_boundaries_epochs`` are increasing epochs >= 1; names
+    (dataset, data_source, model, method with its optional ``@<optimizer>``, task,
+    optimizer, polar_method, prng_impl, parallel) are known; flags are bools; ``seed`` is in
+    [0, 2**32 - 1]. Across fields: ``max_train_examples`` (when set) is at least
+    ``batch_size`` (else an epoch has no batch); ``cv_folds`` is 0 or >= 2, only for
+    digits, and ``cv_fold < cv_folds``; the method and the optimizer combine
+    (``methods.resolve_optimizer``: ``muon``/``nog``/``nog+olr`` already treat the Pre-SVD
+    kernel, so not with ``+nog``/``+olr``). Fields the defaults do not have are rejected (a
+    typo would be ignored).
 
     Args:
         config: a ConfigDict (or mapping) with the fields of :func:`get_config`.
@@ -348,5 +387,13 @@ def validate_config(config: Any) -> None:
         errors.append(f"  config.max_train_examples={config['max_train_examples']!r} is "
                       f"smaller than config.batch_size={config['batch_size']!r}: an epoch "
                       "would hold no batch")
+    if not errors:
+        from svdcond_jax.training.methods import parse_method, resolve_optimizer
+
+        try:
+            resolve_optimizer(parse_method(config["method"]), config["optimizer"])
+        except ValueError as err:
+            errors.append(f"  config.method={config['method']!r}, config.optimizer="
+                          f"{config['optimizer']!r}: {err}")
     if errors:
         raise ValueError("invalid config:\n" + "\n".join(errors))

@@ -12,11 +12,23 @@ paper's "BN" curves ~1e3),
 iterations and ``svd_autodiff`` differentiates ``jnp.linalg.eigh`` with plain autodiff (the
 failing baseline; docs/meta_layer.md).
 
+Optimizers. A row name may end in ``@<optimizer>``, one of :data:`OPTIMIZERS`, the optimizer
+of every parameter the row's ``+nog``/``+olr`` do not treat (without it:
+``config.optimizer``, SGD by default): ``sgd`` (the paper's torch-style SGD,
+``pre_svd_sgd``), ``adamw`` (``optax.adamw``; the Pre-SVD layer keeps the paper's SGD with
+NOG/OLR when the row asks for them, ``pre_svd_optimizer``), ``muon``
+(``optax.contrib.muon`` on every conv/dense kernel but the head, AdamW for the rest),
+``nog`` and ``nog+olr`` (``nog_optimizer``: NOG, and per-layer OLR, on every conv/dense
+kernel but the head, SGD for the rest). ``muon``, ``nog`` and ``nog+olr`` already treat the
+Pre-SVD kernel, so they do not combine with ``+nog``/``+olr`` (:func:`resolve_optimizer`).
+
 Example:
     >>> from svdcond_jax.training.methods import parse_method
     >>> spec = parse_method("svd+nog+ow+olr")
     >>> spec.pre_svd, spec.nog, spec.olr, spec.ol
     ('ow', True, True, False)
+    >>> parse_method("svd+nog+olr@adamw").optimizer, parse_method("svd").optimizer
+    ('adamw', None)
 """
 
 from __future__ import annotations
@@ -43,6 +55,9 @@ METHODS: tuple[str, ...] = (
 
 TASKS: tuple[str, ...] = ("dbn", "gcp")
 
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "muon", "nog", "nog+olr")
+ALL_LAYER_OPTIMIZERS: tuple[str, ...] = ("muon", "nog", "nog+olr")  # treat every kernel
+
 
 class MethodSpec(NamedTuple):
     """What one method row switches on."""
@@ -54,31 +69,64 @@ class MethodSpec(NamedTuple):
     nog: bool  # nearest orthogonal gradient (Eqs. 14-17)
     olr: bool  # optimal learning rate (Eqs. 18-21)
     ol: bool  # orthogonality loss ||W W^T - I||_F added to the objective (Eq. 12)
+    optimizer: str | None = None  # the "@<optimizer>" suffix; None: config.optimizer
 
 
 def parse_method(name: str) -> MethodSpec:
-    """Parses a paper row name into a :class:`MethodSpec`.
+    """Parses a paper row name, optionally ``@<optimizer>``, into a :class:`MethodSpec`.
 
     Args:
-        name: one of :data:`METHODS`.
+        name: one of :data:`METHODS`, optionally followed by ``@`` and one of
+            :data:`OPTIMIZERS` (e.g. ``"svd+nog+olr@adamw"``).
 
     Returns:
         The method's switches.
 
     Raises:
-        ValueError: for an unknown name (the message lists the valid ones).
+        ValueError: for an unknown name or optimizer (the message lists the valid ones).
     """
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; valid: {', '.join(METHODS)}")
-    if name == "bn":
-        return MethodSpec(name, False, "eigh", "none", False, False, False)
-    if name == "newton_schulz":
-        return MethodSpec(name, True, "newton_schulz", "none", False, False, False)
-    if name == "svd_autodiff":
-        return MethodSpec(name, True, "eigh_autodiff", "none", False, False, False)
-    parts = set(name.split("+")[1:])
+    if not isinstance(name, str):
+        raise ValueError(f"Unknown method {name!r}: a method name is a str")
+    row, at, optimizer = name.partition("@")
+    if row not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid: {', '.join(METHODS)}, each "
+                         f"optionally followed by @<optimizer> ({', '.join(OPTIMIZERS)})")
+    if at and optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r} in method {name!r}; valid "
+                         f"optimizers: {', '.join(OPTIMIZERS)}")
+    opt = optimizer if at else None
+    if row == "bn":
+        return MethodSpec(name, False, "eigh", "none", False, False, False, opt)
+    if row == "newton_schulz":
+        return MethodSpec(name, True, "newton_schulz", "none", False, False, False, opt)
+    if row == "svd_autodiff":
+        return MethodSpec(name, True, "eigh_autodiff", "none", False, False, False, opt)
+    parts = set(row.split("+")[1:])
     pre_svd = "sn" if "sn" in parts else ("ow" if "ow" in parts else "none")
-    return MethodSpec(name, True, "eigh", pre_svd, "nog" in parts, "olr" in parts, "ol" in parts)
+    return MethodSpec(name, True, "eigh", pre_svd, "nog" in parts, "olr" in parts,
+                      "ol" in parts, opt)
+
+
+def resolve_optimizer(spec: MethodSpec, default: str) -> str:
+    """The optimizer of a run: the method's ``@`` suffix, else ``default``
+    (``config.optimizer``).
+
+    Raises:
+        ValueError: an unknown optimizer, or an all-layer optimizer (``muon``, ``nog``,
+            ``nog+olr``) with a row that also asks for the Pre-SVD ``+nog``/``+olr`` (they
+            would treat the same kernel twice).
+    """
+    optimizer = spec.optimizer or default
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if optimizer in ALL_LAYER_OPTIMIZERS and (spec.nog or spec.olr):
+        row = spec.name.partition("@")[0]
+        plain = "+".join(p for p in row.split("+") if p not in ("nog", "olr"))
+        raise ValueError(
+            f"method {spec.name!r} with optimizer {optimizer!r}: {optimizer} already "
+            f"orthogonalises every kernel, the Pre-SVD one included; drop +nog/+olr "
+            f"({plain}@{optimizer})")
+    return optimizer
 
 
 def resolve_task(task: str, dataset: str) -> str:

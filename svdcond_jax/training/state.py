@@ -1,9 +1,10 @@
 """Model, learning-rate schedule, optimizer and train state of one run.
 
-The optimizer is ``pre_svd_sgd`` wrapped in ``optax.inject_hyperparams``: the learning rate
-the optimizer used at the last update is in the optimizer state
-(:func:`learning_rate`), so the loop logs the value that was applied instead of
-re-evaluating the schedule.
+The optimizer (``pre_svd_sgd`` for the paper's SGD; AdamW, optax.contrib.muon or
+``nog_optimizer`` for the other ``config.optimizer`` values, :func:`create_optimizer`) is
+wrapped in ``optax.inject_hyperparams``: the learning rate the optimizer used at the last
+update is in the optimizer state (:func:`learning_rate`), so the loop logs the value that
+was applied instead of re-evaluating the schedule.
 
 Example:
     >>> import jax
@@ -24,6 +25,7 @@ import collections
 import dataclasses
 import inspect
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +34,26 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from optax.contrib import MuonDimensionNumbers
 
 from svdcond_jax import models
-from svdcond_jax.optimizers import pre_svd_mask, pre_svd_sgd
-from svdcond_jax.training.methods import MethodSpec, model_options, parse_method, resolve_task
+from svdcond_jax._paths import path_str
+from svdcond_jax.optimizers import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_SELECT,
+    check_olr_placement,
+    nog_optimizer,
+    pre_svd_mask,
+    pre_svd_optimizer,
+    pre_svd_sgd,
+)
+from svdcond_jax.training.methods import (
+    MethodSpec,
+    model_options,
+    parse_method,
+    resolve_optimizer,
+    resolve_task,
+)
 
 STEM_PATTERN = r"^stem_conv/kernel$"  # monitored layer of "bn" (no Pre-SVD layer)
 
@@ -125,10 +143,11 @@ def _setup_key(config: Any, num_classes: int, steps_per_epoch: int,
 
 def create_setup(config: Any, *, num_classes: int, steps_per_epoch: int,
                  axis_name: str | None = None) -> Setup:
-    """Builds model, schedule and optimizer (``pre_svd_sgd``) from the config.
+    """Builds model, schedule and optimizer (:func:`create_optimizer`) from the config.
 
-    Every method uses ``pre_svd_sgd`` (torch-style SGD: coupled weight decay and momentum);
-    only ``nog``/``olr`` differ, so the baselines share the exact same update rule.
+    With ``config.optimizer="sgd"`` (the default) every method uses ``pre_svd_sgd``
+    (torch-style SGD: coupled weight decay and momentum); only ``nog``/``olr`` differ, so the
+    baselines share the exact same update rule.
 
     The same config up to ``seed`` returns the same :class:`Setup` object (the last 16 are
     kept): a seed changes parameters and data order, not the model or optimizer, so the
@@ -164,31 +183,116 @@ def _create_setup(config: Any, num_classes: int, steps_per_epoch: int,
     return Setup(spec, task, model, lr_fn, tx, pattern, eps, relative, ol_coeff, init)
 
 
-# Only the learning rate is injected; every other argument of pre_svd_sgd stays a Python
-# value: inject_hyperparams would take a callable selection for a schedule, and static
-# momentum/weight decay keep the optimizer state (and the checkpoints) to the one
-# scheduled value.
-_STATIC_ARGS = tuple(n for n in inspect.signature(pre_svd_sgd).parameters
-                     if n != "learning_rate")
+def _inject(factory: Callable[..., optax.GradientTransformation],
+            learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+            ) -> optax.GradientTransformation:
+    """``optax.inject_hyperparams(factory)`` with only ``learning_rate`` injected.
+
+    Every other argument stays a Python value: inject_hyperparams would take a callable
+    selection for a schedule, and static momentum/weight decay keep the optimizer state (and
+    the checkpoints) to the one scheduled value.
+    """
+    static = tuple(n for n in inspect.signature(factory).parameters if n != "learning_rate")
+    return optax.inject_hyperparams(factory, static_args=static)(learning_rate, **kwargs)
+
+
+def _scaled(schedule: optax.Schedule, factor: float) -> optax.Schedule:
+    """The schedule times ``factor``: another base rate with the same decay."""
+    return lambda step: schedule(step) * factor
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+    """optax.contrib.muon's reshape of every conv/dense kernel but the head (the matrices of
+    ``nog_optimizer``'s default selection): reduce over all axes but the last, the
+    ``(kh*kw*in, out)`` matrix of an HWIO kernel; None (AdamW) for the other leaves."""
+    select, exclude = re.compile(DEFAULT_SELECT), re.compile(DEFAULT_EXCLUDE)
+
+    def spec(path: tuple[Any, ...], x: Any) -> MuonDimensionNumbers | None:
+        name = path_str(path)
+        if x.ndim >= 2 and select.search(name) and not exclude.search(name):
+            return MuonDimensionNumbers(tuple(range(x.ndim - 1)), x.ndim - 1)
+        return None
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float, pre_svd: str,
+           pre_svd_learning_rate: optax.ScalarOrSchedule, nog: bool, olr: bool,
+           momentum: float, pre_svd_weight_decay: float) -> optax.GradientTransformation:
+    """AdamW; with nog/olr, next to the paper's Pre-SVD SGD (OLR's cap: the SGD rate)."""
+    rest = optax.adamw(learning_rate, weight_decay=weight_decay)
+    if not (nog or olr):
+        return rest
+    return pre_svd_optimizer(pre_svd_learning_rate, pre_svd, rest=rest, nog=nog, olr=olr,
+                             momentum=momentum, weight_decay=pre_svd_weight_decay)
+
+
+def _muon(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float,
+          adam_learning_rate: optax.ScalarOrSchedule, adam_weight_decay: float
+          ) -> optax.GradientTransformation:
+    """optax.contrib.muon on every conv/dense kernel but the head, AdamW for the rest."""
+    return optax.contrib.muon(learning_rate, weight_decay=weight_decay,
+                              adam_learning_rate=adam_learning_rate,
+                              adam_weight_decay=adam_weight_decay,
+                              muon_weight_dimension_numbers=muon_dimension_numbers)
 
 
 def create_optimizer(config: Any, spec: MethodSpec, learning_rate_fn: optax.Schedule,
                      pattern: str) -> optax.GradientTransformation:
-    """``optax.inject_hyperparams(pre_svd_sgd)`` with the learning-rate schedule injected.
+    """The run's optimizer with its learning-rate schedule injected.
+
+    By ``methods.resolve_optimizer(spec, config.optimizer)``:
+
+    * ``sgd``: ``pre_svd_sgd`` (the paper's torch-style SGD, NOG/OLR on the Pre-SVD kernel
+      as the method says);
+    * ``adamw``: ``optax.adamw(adamw_learning_rate, weight_decay=adamw_weight_decay)``; with
+      ``+nog``/``+olr`` next to the paper's Pre-SVD SGD (``pre_svd_optimizer``, OLR capped
+      by the SGD ``learning_rate`` schedule);
+    * ``muon``: ``optax.contrib.muon(muon_learning_rate, weight_decay=muon_weight_decay)``
+      on every conv/dense kernel but the head (:func:`muon_dimension_numbers`), its AdamW
+      (``adamw_learning_rate``, ``adamw_weight_decay``) for the rest;
+    * ``nog`` / ``nog+olr``: ``nog_optimizer(learning_rate, olr=..., momentum,
+      weight_decay, polar_method)`` (the paper's conventions, SGD for the rest).
+
+    Every rate follows ``learning_rate_fn``'s decay, scaled to its own base rate; the
+    injected (logged) rate is AdamW's for ``adamw``, Muon's for ``muon``, the SGD one
+    otherwise. The result is checked with ``check_olr_placement``.
 
     Args:
-        config: reads momentum, weight_decay.
-        spec: parsed method (nog, olr).
-        learning_rate_fn: the schedule (evaluated by inject_hyperparams at its update count).
+        config: reads learning_rate, momentum, weight_decay, optimizer and the adamw_*,
+            muon_* and polar_method fields.
+        spec: parsed method (nog, olr, optimizer).
+        learning_rate_fn: the SGD schedule (evaluated by inject_hyperparams at its count).
         pattern: regex of the Pre-SVD parameter.
 
     Returns:
         The optimizer; :func:`learning_rate` reads the applied rate from its state and
         :func:`svdcond_jax.find_olr_eta` finds OLR's eta inside it.
     """
-    return optax.inject_hyperparams(pre_svd_sgd, static_args=_STATIC_ARGS)(
-        learning_rate_fn, pattern, momentum=float(config.momentum),
-        weight_decay=float(config.weight_decay), nog=spec.nog, olr=spec.olr)
+    optimizer = resolve_optimizer(spec, config.optimizer)
+    momentum, weight_decay = float(config.momentum), float(config.weight_decay)
+
+    def rate(base: float) -> optax.Schedule:
+        return _scaled(learning_rate_fn, float(base) / float(config.learning_rate))
+
+    if optimizer == "sgd":
+        tx = _inject(pre_svd_sgd, learning_rate_fn, pre_svd=pattern, momentum=momentum,
+                     weight_decay=weight_decay, nog=spec.nog, olr=spec.olr)
+    elif optimizer == "adamw":
+        tx = _inject(_adamw, rate(config.adamw_learning_rate),
+                     weight_decay=float(config.adamw_weight_decay), pre_svd=pattern,
+                     pre_svd_learning_rate=learning_rate_fn, nog=spec.nog, olr=spec.olr,
+                     momentum=momentum, pre_svd_weight_decay=weight_decay)
+    elif optimizer == "muon":
+        tx = _inject(_muon, rate(config.muon_learning_rate),
+                     weight_decay=float(config.muon_weight_decay),
+                     adam_learning_rate=rate(config.adamw_learning_rate),
+                     adam_weight_decay=float(config.adamw_weight_decay))
+    else:  # "nog" | "nog+olr"
+        tx = _inject(nog_optimizer, learning_rate_fn, olr=optimizer == "nog+olr",
+                     momentum=momentum, weight_decay=weight_decay,
+                     polar_method=str(config.polar_method))
+    return check_olr_placement(tx)
 
 
 def learning_rate(opt_state: Any) -> jax.Array:
@@ -201,8 +305,10 @@ def learning_rate(opt_state: Any) -> jax.Array:
 
 
 def pre_inject_layout(config: Any, setup: Setup, arrays: dict[str, Any]
-                      ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
+                      ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]] | None:
     """Checkpoint layout of the earlier optimizer (no inject_hyperparams) and its conversion.
+
+    Only the SGD optimizer existed before the wrapping; for the others this is None.
 
     Checkpoints written before the optimizer was wrapped hold ``opt_state`` = the state of
     ``pre_svd_sgd(schedule, ...)`` (which also keeps a schedule count). Every leaf of the
@@ -217,8 +323,11 @@ def pre_inject_layout(config: Any, setup: Setup, arrays: dict[str, Any]
         arrays: the current saved arrays (``checkpointing.state_arrays``), the target.
 
     Returns:
-        (target in the earlier layout, function converting a restored tree to ``arrays``').
+        (target in the earlier layout, function converting a restored tree to ``arrays``'),
+        or None when the run's optimizer is not SGD.
     """
+    if resolve_optimizer(setup.spec, config.optimizer) != "sgd":
+        return None
     earlier_tx = pre_svd_sgd(setup.learning_rate_fn, setup.pre_svd_pattern,
                              momentum=float(config.momentum),
                              weight_decay=float(config.weight_decay), nog=setup.spec.nog,

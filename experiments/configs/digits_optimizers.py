@@ -1,0 +1,53 @@
+r"""Optimizers around NOG/OLR on the decorrelated-BN digits task (issue: NOG beyond SGD).
+
+The digits demo's task, recipe and paired design (experiments/configs/digits_demo.py:
+TinyResNet, 16-32 channels, one grey channel at 8x8, decorrelated-BN stem, 20 epochs, the
+SGD rate's step decay at epochs 10 and 15, 5 folds x 4 seeds) with six optimizer rows, all
+on the `svd` model:
+
+  svd                the paper's setting: torch-style SGD everywhere (lr 0.1, momentum 0.9,
+                     weight decay 5e-4), no NOG/OLR
+  svd@adamw          optax.adamw everywhere (adamw_learning_rate 1e-3, weight decay 1e-4)
+  svd@muon           optax.contrib.muon on every conv/dense kernel but the head (lr 0.02,
+                     beta 0.95, Nesterov), its AdamW (1e-3) for the rest
+  svd@nog            NOG (polar_express) on every conv/dense kernel but the head, SGD
+  svd@nog+olr        the same with per-layer OLR (each kernel's eta capped by lr 0.1)
+  svd+nog+olr@adamw  the paper's Pre-SVD NOG + OLR (SGD, cap 0.1) next to AdamW for the rest
+
+Every rate follows the same step decay; the fields are those of
+svdcond_jax/training/config.py (`--config.adamw_learning_rate=3e-4` etc. override them).
+
+Command (writes runs/optimizers/{table.md,table.json,conditioning.png}):
+  svdcond-run --config=digits_optimizers
+  from a checkout also:
+  python -m experiments.run --config=experiments/configs/digits_optimizers.py
+Covariance pooling instead: digits_optimizers_gcp. Reduced mode (a few steps per row):
+add --quick (runs/optimizers_quick).
+
+Expected run time: not measured for the full sweep (6 rows x 4 seeds x 5 folds of 220
+steps; the measured comparison is run later). --quick (6 rows x 4 seeds x 2 folds x 6
+steps, 48 runs) took 124 s elapsed on the 2-core development machine while other jobs ran
+(load average ~9), most of it compiling each row's first run (7-16 s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from svdcond_jax.training.config import load_config_file
+
+digits_demo = load_config_file(Path(__file__).with_name("digits_demo.py"))
+
+TITLE = "Optimizers: decorrelated BN, TinyResNet, digits (SGD, AdamW, Muon, NOG everywhere)"
+WORKDIR = "runs/optimizers"
+METHODS = ("svd", "svd@adamw", "svd@muon", "svd@nog", "svd@nog+olr", "svd+nog+olr@adamw")
+QUICK_METHODS = METHODS
+SEEDS = digits_demo.SEEDS
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The digits demo's config (method `svd`, optimizer `sgd`); `arg="runlocal"`: a few
+    steps."""
+    return digits_demo.get_config(arg)

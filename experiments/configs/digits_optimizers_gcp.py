@@ -1,0 +1,41 @@
+r"""The optimizer rows of digits_optimizers.py on the covariance-pooling (GCP) digits task.
+
+The task of experiments/configs/digits_gcp.py (a 1x1 Pre-SVD conv to 32 channels, the
+32x32 covariance of 16 positions, its square root through the SVD meta-layer) with the six
+rows of experiments/configs/digits_optimizers.py: svd (SGD), svd@adamw, svd@muon, svd@nog,
+svd@nog+olr, svd+nog+olr@adamw. Every kernel but the classifier `fc` counts as a matrix
+for muon/nog (the Pre-SVD conv `head/pre_svd_conv/kernel` included).
+
+Command (writes runs/optimizers_gcp/{table.md,table.json,conditioning.png}):
+  svdcond-run --config=digits_optimizers_gcp
+  from a checkout also:
+  python -m experiments.run --config=experiments/configs/digits_optimizers_gcp.py
+Reduced mode: add --quick (runs/optimizers_gcp_quick).
+
+Expected run time: not measured for the full sweep (the measured comparison is run later).
+--quick (6 rows x 4 seeds x 2 folds x 6 steps, 48 runs) took 146 s elapsed on the 2-core
+development machine while other jobs ran (load average ~9).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from svdcond_jax.training.config import load_config_file
+
+digits_gcp = load_config_file(Path(__file__).with_name("digits_gcp.py"))
+digits_optimizers = load_config_file(Path(__file__).with_name("digits_optimizers.py"))
+
+TITLE = "Optimizers: covariance pooling (GCP), TinyResNet, digits"
+WORKDIR = "runs/optimizers_gcp"
+METHODS = digits_optimizers.METHODS
+QUICK_METHODS = METHODS
+SEEDS = digits_gcp.SEEDS
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The GCP digits config (method `svd`, optimizer `sgd`); `arg="runlocal"`: a few
+    steps."""
+    return digits_gcp.get_config(arg)
