@@ -3,8 +3,9 @@ r"""The optimizer rows of digits_optimizers.py on the covariance-pooling (GCP) d
 The task of experiments/configs/digits_gcp.py (a 1x1 Pre-SVD conv to 32 channels, the
 32x32 covariance of 16 positions, its square root through the SVD meta-layer) with the six
 rows of experiments/configs/digits_optimizers.py: svd (SGD), svd@adamw, svd@muon, svd@nog,
-svd@nog+olr, svd+nog+olr@adamw, with its AdamW rate (1e-2). Every kernel but the classifier `fc` counts as a matrix
-for muon/nog (the Pre-SVD conv `head/pre_svd_conv/kernel` included).
+svd@nog+olr, svd+nog+olr@adamw, with its AdamW rate (1e-2). Every kernel but the
+classifier `fc` counts as a matrix for muon/nog (the Pre-SVD conv `head/pre_svd_conv/kernel`
+included).
 
 Command (writes runs/optimizers_gcp/{table.md,table.json,conditioning.png}):
   svdcond-run --config=digits_optimizers_gcp
