@@ -2,7 +2,7 @@
 beside the validation error of every seed.
 
 Left, per method with its own colour, line style and marker (methods whose curves coincide
-stay visible), median over seeds (the spread over seeds is in the table):
+stay visible), median over runs (seeds, and folds with k-fold; the spread is in the table):
 
 1. kappa(P + eps*I), the condition number (Eq. 1) of the matrix the meta-layer actually
    decomposes, read in float64 from the run's "conditioning" records.
@@ -66,7 +66,8 @@ class Curve:
       singular: (T,) True where any seed's raw covariance is singular.
       rank: (T,) median numerical rank over seeds (NaN if not logged).
       dim: the matrix size (None if not logged).
-      num_seeds: how many runs the curve aggregates.
+      num_seeds: how many seeds the curve aggregates.
+      num_runs: how many runs (seeds x folds with k-fold).
     """
 
     method: str
@@ -82,6 +83,7 @@ class Curve:
     rank: np.ndarray
     dim: int | None
     num_seeds: int = 1
+    num_runs: int = 1
 
 
 def _num(value: Any) -> float:
@@ -140,7 +142,8 @@ def curve(method: str, runs: Sequence[tables.Run]) -> Curve | None:
         kappa_raw=raw, singular=singular,
         rank=_med_lo_hi(column("rank"))[0],
         dim=int(dims[-1]) if dims else None,
-        num_seeds=len(runs),
+        num_seeds=len({r.seed for r in runs}),
+        num_runs=len(runs),
     )
 
 
@@ -156,6 +159,9 @@ def curves(runs: Sequence[tables.Run]) -> list[Curve]:
 def _label(c: Curve) -> str:
     """Legend text: the method, its seed count, and the raw covariance's status."""
     seeds = f", {c.num_seeds} seeds" if c.num_seeds > 1 else ""
+    if c.num_runs > c.num_seeds:
+        seeds += f" x {c.num_runs // c.num_seeds} folds" if c.num_runs % c.num_seeds == 0 \
+            else f", {c.num_runs} runs"
     if not c.singular.any():
         return f"{c.method}{seeds}"
     share = c.singular.mean()
@@ -215,7 +221,7 @@ CAPTION = (
     "which does not change with the scale of the weights. The two can rank methods in "
     "opposite orders: for a singular P, κ(P + εI) ≈ λmax/ε grows with the Pre-SVD weight "
     "norm (NOG's fixed-size steps grow it), while the non-zero spectrum can get flatter "
-    "at the same time (docs/conditioning.md). Curves: median over seeds. Right: Δ = mean "
+    "at the same time (docs/conditioning.md). Curves: median over runs. Right: Δ = mean "
     "paired difference to svd (points) [exact sign-flip 95% interval], * = "
     "interval excludes 0."
 )
@@ -227,7 +233,7 @@ def plot_conditioning(
     """Draws the conditioning curves and the validation error of a sweep.
 
     Left: kappa(P + eps*I), kappa on the non-zero spectrum and the rank of P vs step
-    (median over seeds, one colour, line style and marker per method). Right: the
+    (median over runs, one colour, line style and marker per method). Right: the
     validation error of every seed per method, its mean, and the paired difference to
     svd with its interval. Below: a caption saying which kappa the paper plots and why
     the two kappas can disagree.
