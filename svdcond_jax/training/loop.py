@@ -208,7 +208,8 @@ def _summary(config: Any, workdir: str, step: int, failures: int, train_time: fl
 def _progress(config: Any, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"{config.method}/seed{config.seed}",
+    fold = f"/fold{config.cv_fold}" if config.get("cv_folds", 0) else ""
+    return tqdm(total=total, initial=initial, desc=f"{config.method}/seed{config.seed}{fold}",
                 dynamic_ncols=True,
                 disable=not config.progress_bar or jax.process_index() > 0)
 
