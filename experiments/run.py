@@ -27,7 +27,9 @@ over seeds, failure counts, kappa, compile and training time) and
 
 A config file defines `get_config(arg: str | None = None) -> ConfigDict` and may define
 `METHODS`, `SEEDS` (the sweep's defaults), `TITLE`, `WORKDIR` (the default `--workdir`) and
-`PAPER` (method -> the paper's number, printed in an extra column).
+`PAPER` (method -> the paper's number, printed in an extra column) and `COMPARISONS` (pairs
+of methods ``(a, b)`` compared like every row with ``svd``, in a second table; pairs whose
+rows were not run are left out).
 """
 
 from __future__ import annotations
@@ -269,6 +271,7 @@ def report(
     paper: Mapping[str, str] | None = None,
     wall_s: Mapping[str, float] | None = None,
     seeds: Sequence[int] | None = None,
+    comparisons: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Aggregates a sweep, writes table.md / table.json / conditioning.png, returns the table.
 
@@ -279,6 +282,8 @@ def report(
       paper: method -> the paper's number, shown as an extra column.
       wall_s: `<method>/seed<k>` -> wall time; its per-method total is added to the JSON.
       seeds: restrict to these seeds (default: every seed directory found).
+      comparisons: pairs ``(a, b)`` of methods compared in a second table
+        (:func:`tables.compare`); pairs with a method that has no runs are left out.
     """
     runs = tables.collect_runs(workdir, methods)
     if seeds is not None:
@@ -288,14 +293,19 @@ def report(
         for row in rows:
             own = [v for k, v in wall_s.items() if k.rsplit("/seed", 1)[0] == row["method"]]
             row["wall_s"] = sum(own)
+    present = {r["method"] for r in rows}
+    compared = tables.compare(rows, [(a, b) for a, b in comparisons
+                                     if a in present and b in present])
     facts = tables.provenance_summary(runs)
-    tables.write_tables(rows, workdir, title=title, paper=paper, provenance_facts=facts)
+    tables.write_tables(rows, workdir, title=title, paper=paper, provenance_facts=facts,
+                        compared=compared)
     try:
         plot.plot_conditioning(runs, Path(workdir) / "conditioning.png", title=title)
     except ValueError as err:  # no conditioning records (e.g. only `bn` runs)
         print(f"no plot: {err}", file=sys.stderr)
     notes = [tables.provenance_line(facts)] if facts else []
-    return tables.markdown_table(rows, title=title, paper=paper, notes=notes)
+    return tables.markdown_table(rows, title=title, paper=paper, notes=notes,
+                                 compared=compared)
 
 
 def define_flags(argv: Sequence[str], *, config_default: str | None = None
@@ -479,7 +489,8 @@ def execute(sweep: Sweep, *, log: Callable[[str], None] = print) -> str:
     if sweep.quick and title:
         title += " (--quick: a few steps, not a result)"
     table = report(sweep.workdir, sweep.methods, title=title,
-                   paper=getattr(sweep.module, "PAPER", None), wall_s=wall, seeds=sweep.seeds)
+                   paper=getattr(sweep.module, "PAPER", None), wall_s=wall, seeds=sweep.seeds,
+                   comparisons=getattr(sweep.module, "COMPARISONS", ()))
     log("")
     log(table)
     log(f"wrote {sweep.workdir / 'table.md'}, table.json, conditioning.png")

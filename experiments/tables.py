@@ -14,7 +14,9 @@ decomposes) and whether the raw covariance was singular (docs/conditioning.md). 
 error is pooled over its folds (wrong / validated images, every image once). Methods are
 compared with the reference (``svd``) by the per-seed paired difference: its mean and the
 exact sign-flip 95% interval (experiments/stats.py); "separable" means the interval
-excludes 0. Each run's ``provenance.json`` (experiments/provenance.py) says where it was
+excludes 0. A config may name further pairs of rows (``COMPARISONS``): each is compared the
+same way, in a second table (:func:`compare`, :func:`comparisons_table`). Each run's
+``provenance.json`` (experiments/provenance.py) says where it was
 trained; the tables quote it.
 
 Example:
@@ -397,6 +399,48 @@ def aggregate(runs: Sequence[Run], *, reference: str = "svd") -> list[dict[str, 
     return rows
 
 
+def compare(rows: Sequence[Mapping[str, Any]], comparisons: Sequence[tuple[str, str]],
+            confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Paired differences between named rows: for each ``(a, b)``, error(a) - error(b).
+
+    Paired and tested as :func:`versus` (same seed and fold in both rows).
+
+    Args:
+      rows: output of :func:`aggregate`.
+      comparisons: pairs of method names; both must be rows.
+      confidence: of the sign-flip interval.
+
+    Returns:
+      One ``{"method", "versus", "diff", "interval", "separable", "pairs"}`` per pair.
+
+    Raises:
+      ValueError: a named method has no row (lists the rows).
+    """
+    by_method = {r["method"]: r for r in rows}
+    out = []
+    for a, b in comparisons:
+        missing = [m for m in (a, b) if m not in by_method]
+        if missing:
+            raise ValueError(f"comparisons: no row for {missing} (rows: {sorted(by_method)})")
+        out.append({"method": a, "versus": b,
+                    **versus(by_method[a], by_method[b], confidence)})
+    return out
+
+
+def comparisons_table(compared: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown for :func:`compare`'s output: one line per pair, the difference in points."""
+    lines = ["| Comparison | Paired diff (points) [95% interval] | Separable? | Pairs |",
+             "|---|---|---|---|"]
+    for c in compared:
+        cell = _fmt_versus({"vs_svd_diff": c["diff"], "vs_svd_interval": c["interval"],
+                            "vs_svd_separable": c["separable"], "vs_svd_pairs": c["pairs"]})
+        head, _, verdict = cell.rpartition(" ")
+        if c["interval"] is None:
+            head, verdict = cell, "–"
+        lines.append(f"| {c['method']} − {c['versus']} | {head} | {verdict} | {c['pairs']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -448,6 +492,7 @@ def markdown_table(
     title: str | None = None,
     paper: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
+    compared: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """Formats aggregated rows as the paper's Markdown table.
 
@@ -467,6 +512,7 @@ def markdown_table(
       title: optional heading line.
       paper: method -> the paper's reported value for that row.
       notes: lines printed under the title (provenance).
+      compared: output of :func:`compare`, printed as a second table below.
 
     Returns:
       The table as a string.
@@ -487,6 +533,9 @@ def markdown_table(
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_cells(r, wall, paper, versus_svd)) + " |")
+    if compared:
+        lines += ["", "Further paired comparisons (same pairing and interval):", "",
+                  comparisons_table(compared).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -550,11 +599,13 @@ def write_tables(
     title: str | None = None,
     paper: Mapping[str, str] | None = None,
     provenance_facts: Mapping[str, Any] | None = None,
+    compared: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Path, Path]:
     """Writes `<stem>.md` and `<stem>.json` into `out_dir`.
 
-    The JSON is ``{"title", "design", "provenance", "rows"}``: the design line, where the
-    runs were trained (:func:`provenance_summary`) and the rows of `aggregate`.
+    The JSON is ``{"title", "design", "provenance", "rows", "comparisons"}``: the design
+    line, where the runs were trained (:func:`provenance_summary`), the rows of `aggregate`
+    and the further paired comparisons (:func:`compare`).
 
     Args:
       rows: output of `aggregate`.
@@ -563,6 +614,7 @@ def write_tables(
       title: optional Markdown heading.
       paper: method -> the paper's number (extra column).
       provenance_facts: :func:`provenance_summary` of the runs ({} or None: not recorded).
+      compared: output of :func:`compare` (a second table; ``"comparisons"`` in the JSON).
 
     Returns:
       The paths of the Markdown and JSON files.
@@ -571,8 +623,9 @@ def write_tables(
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
     notes = [provenance_line(provenance_facts)] if provenance_facts else []
-    md.write_text(markdown_table(rows, title=title, paper=paper, notes=notes))
+    md.write_text(markdown_table(rows, title=title, paper=paper, notes=notes,
+                                 compared=compared))
     js.write_text(json.dumps(_json_safe({
         "title": title, "design": design_line(rows), "provenance": provenance_facts or {},
-        "rows": list(rows)}), indent=2) + "\n")
+        "rows": list(rows), "comparisons": list(compared)}), indent=2) + "\n")
     return md, js

@@ -122,6 +122,25 @@ def test_versus_svd_is_the_paired_difference_with_its_sign_flip_interval() -> No
     assert tables.versus({"run_errors": {"9": 1.0}}, ref)["pairs"] == 0
 
 
+def test_comparisons_pair_named_rows_like_versus_svd() -> None:
+    """A config's COMPARISONS: error(a) - error(b), paired and tested as each row vs svd."""
+    ref = {"method": "b", "run_errors": {str(s): 2.0 + 0.3 * s for s in range(8)}}
+    worse = {"method": "a", "run_errors": {str(s): 3.0 + 0.3 * s + 0.05 * (-1) ** s
+                                            for s in range(8)}}
+    (c,) = tables.compare([ref, worse], [("a", "b")])
+    assert c["method"] == "a" and c["versus"] == "b" and c["pairs"] == 8
+    np.testing.assert_allclose(c["diff"], 1.0)
+    assert c["separable"] is True and 0 < c["interval"][0] < 1.0 < c["interval"][1]
+    assert c == {"method": "a", "versus": "b", **tables.versus(worse, ref)}
+    text = tables.comparisons_table([c])
+    assert "| a − b | +1.00 [" in text and "| yes | 8 |" in text
+    few = {"method": "c", "run_errors": {str(s): 1.0 for s in range(5)}}
+    (c,) = tables.compare([ref, few], [("c", "b")])
+    assert c["interval"] is None and "| – | 5 |" in tables.comparisons_table([c])
+    with pytest.raises(ValueError, match=r"comparisons: no row for \['z'\]"):
+        tables.compare([ref, worse], [("z", "b")])
+
+
 def test_folds_pool_into_one_error_per_seed(tmp_path: Path) -> None:
     """k-fold layout: a seed's error is wrong / validated images over its folds."""
     for method, fold_errors in {"svd": [(10.0, 3.0), (20.0, 1.0)],
@@ -206,6 +225,8 @@ def test_config_files_load_and_document_a_command(path: Path) -> None:
     for method in module.METHODS:  # a paper row, optionally @<optimizer>
         parse_method(method)
     assert set(getattr(module, "PAPER", {})) <= set(METHODS)
+    for pair in getattr(module, "COMPARISONS", ()):  # named rows of this sweep
+        assert len(pair) == 2 and set(pair) <= set(module.METHODS), pair
 
 
 def _sweep(argv: list[str], config_default: str | None = None) -> run.Sweep:

@@ -29,10 +29,10 @@ Command (writes runs/optimizers/{table.md,table.json,conditioning.png}):
 Covariance pooling instead: digits_optimizers_gcp. Reduced mode (a few steps per row):
 add --quick (runs/optimizers_quick).
 
-Expected run time: not measured for the full sweep (6 rows x 4 seeds x 5 folds of 220
-steps; the measured comparison is run later). --quick (6 rows x 4 seeds x 2 folds x 6
-steps, 48 runs) took 124 s elapsed on the 2-core development machine while other jobs ran
-(load average ~9), most of it compiling each row's first run (7-16 s).
+Expected run time: 6 min 32 s for the full sweep (6 rows x 4 seeds x 5 folds of 220
+steps, 120 runs; compile 3-10 s per row, 2.1-2.7 s of training per run), measured
+2026-12-07 on the 2-core development machine (Intel Xeon, AVX-512, quiet). --quick (6 rows
+x 4 seeds x 2 folds x 6 steps, 48 runs) took 124 s while other jobs ran (load ~9).
 """
 
 from __future__ import annotations
@@ -50,6 +50,16 @@ WORKDIR = "runs/optimizers"
 METHODS = ("svd", "svd@adamw", "svd@muon", "svd@nog", "svd@nog+olr", "svd+nog+olr@adamw")
 QUICK_METHODS = METHODS
 SEEDS = digits_demo.SEEDS
+# Paired comparisons beyond "vs svd" (error(a) - error(b), same seeds and folds): NOG on
+# every kernel against Muon, OLR's share, the paper's Pre-SVD NOG+OLR inside an AdamW run,
+# and Muon against AdamW.
+COMPARISONS = (
+    ("svd@nog", "svd@muon"),
+    ("svd@nog+olr", "svd@muon"),
+    ("svd@nog+olr", "svd@nog"),
+    ("svd+nog+olr@adamw", "svd@adamw"),
+    ("svd@muon", "svd@adamw"),
+)
 
 
 def with_rates(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
