@@ -170,7 +170,10 @@ def _ratio(row: dict[str, Any], a: str, b: str) -> str:
 def format_tables(report: dict[str, Any]) -> str:
     """Markdown: step times per row/column with ratios; first-step times and peak RSS."""
     cols = [c for c in COLUMNS if any(c in r["columns"] for r in report["rows"])]
-    lines = [f"### {report['header']}", "",
+    facts = report.get("versions") or {}
+    where = (f"{report.get('date', '?')}, {report.get('host', {}).get('processor', '?')}, "
+             + ", ".join(f"{k} {v}" for k, v in facts.items() if v))
+    lines = [f"### {report['header']}", "", f"Measured {where}.", "",
              "| step | " + " | ".join(LABELS[c] for c in cols)
              + (" | before / ours" if "before" in cols else "")
              + " | ours / eager | ours / compile | load (1 min) |",
@@ -237,7 +240,29 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
             "params": counts,
             "host": {"machine": platform.machine(), "processor": _cpu_name(),
                      "cores": os.cpu_count()},
+            "versions": versions(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def versions() -> dict[str, str | None]:
+    """Python, the frameworks' versions and the git revision of this tree ("+dirty")."""
+    import importlib.metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out["revision"] = (rev + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        out["revision"] = None
+    return out
 
 
 def _cpu_name() -> str:

@@ -103,6 +103,8 @@ def test_step_vs_torch_workers_interleave_and_tabulate():
     assert len(set(report["params"].values())) == 1  # same network in both frameworks
     table = step_vs_torch.format_tables(report)
     assert "| `svd+nog+olr` |" in table and "ours / eager" in table
+    assert report["versions"]["jax"] and report["versions"]["torch"]  # provenance recorded
+    assert f"jax {report['versions']['jax']}" in table
 
 
 def _python(code: str, env: dict[str, str]) -> dict:
