@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.step_vs_torch import _cpu_name
+from experiments.provenance import cpu_name
 
 
 def environment() -> dict[str, Any]:
@@ -57,7 +57,7 @@ def environment() -> dict[str, Any]:
                     for d in devices],
         "jax": jax.__version__, "jaxlib": importlib.import_module("jaxlib").__version__,
         "python": platform.python_version(), "packages": dict(sorted(packages.items())),
-        "host_cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+        "host_cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
         "settings": {k: os.environ.get(k) for k in (
             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS", "OPENBLAS_NUM_THREADS",
             "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")},

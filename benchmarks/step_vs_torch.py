@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments import provenance
+
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("before", "ours", "flax", "torch", "torch-compile")
 DEFAULT_METHODS = ("bn", "svd", "svd+nog+olr")
@@ -238,7 +240,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
               f"{args.rounds} rounds x {args.steps} steps")
     return {"header": header, "args": vars(args), "rows": rows, "skipped_rows": skipped,
             "params": counts,
-            "host": {"machine": platform.machine(), "processor": _cpu_name(),
+            "host": {"machine": platform.machine(), "processor": provenance.cpu_name(),
                      "cores": os.cpu_count()},
             "versions": versions(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -246,34 +248,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
 
 def versions() -> dict[str, str | None]:
     """Python, the frameworks' versions and the git revision of this tree ("+dirty")."""
-    import importlib.metadata
-
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["revision"] = (rev + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        out["revision"] = None
+    out.update({name: provenance.package_version(name)
+                for name in (*provenance.PACKAGES, "torch")})
+    out["revision"] = provenance.git_revision(ROOT)
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

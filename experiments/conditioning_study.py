@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "conditioning_study.md").write_text(table)
     (workdir / "conditioning_study.json").write_text(json.dumps(
-        tables._json_safe({"provenance": facts, "variants": VARIANTS, "results": results}),
+        tables.json_safe({"provenance": facts, "variants": VARIANTS, "results": results}),
         indent=2, default=str) + "\n")
     print(table)
     return table

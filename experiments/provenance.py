@@ -55,7 +55,8 @@ def git_revision(root: str | Path = _ROOT) -> str | None:
     return rev.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None when it is not installed."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -82,8 +83,8 @@ def collect() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": platform.python_version(),
     }
-    facts.update({name: _version(name) for name in PACKAGES})
-    facts["svdcond_jax"] = _version("svdcond-jax")
+    facts.update({name: package_version(name) for name in PACKAGES})
+    facts["svdcond_jax"] = package_version("svdcond-jax")
     facts["revision"] = git_revision()
     return facts
 

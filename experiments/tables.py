@@ -432,12 +432,8 @@ def comparisons_table(compared: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| Comparison | Paired diff (points) [95% interval] | Separable? | Pairs |",
              "|---|---|---|---|"]
     for c in compared:
-        cell = _fmt_versus({"vs_svd_diff": c["diff"], "vs_svd_interval": c["interval"],
-                            "vs_svd_separable": c["separable"], "vs_svd_pairs": c["pairs"]})
-        head, _, verdict = cell.rpartition(" ")
-        if c["interval"] is None:
-            head, verdict = cell, "–"
-        lines.append(f"| {c['method']} − {c['versus']} | {head} | {verdict} | {c['pairs']} |")
+        text, verdict = _fmt_paired(c)
+        lines.append(f"| {c['method']} − {c['versus']} | {text} | {verdict} | {c['pairs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -539,14 +535,20 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def _fmt_paired(v: Mapping[str, Any]) -> tuple[str, str]:
+    """(mean difference [interval], "yes"/"no"/"–") of a :func:`versus` result."""
+    if v["diff"] is None:
+        return "–", "–"
+    if v["interval"] is None:
+        return f"{v['diff']:+.2f} (no interval: {v['pairs']} pairs)", "–"
+    lo, hi = v["interval"]
+    return f"{v['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]", "yes" if v["separable"] else "no"
+
+
 def _fmt_versus(r: Mapping[str, Any]) -> str:
-    diff, interval = r.get("vs_svd_diff"), r.get("vs_svd_interval")
-    if diff is None:
-        return "–"
-    if interval is None:
-        return f"{diff:+.2f} (no interval: {r.get('vs_svd_pairs')} pairs)"
-    verdict = "yes" if r.get("vs_svd_separable") else "no"
-    return f"{diff:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] {verdict}"
+    text, verdict = _fmt_paired({k: r.get(f"vs_svd_{k}")
+                                 for k in ("diff", "interval", "separable", "pairs")})
+    return text if verdict == "–" else f"{text} {verdict}"
 
 
 def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None,
@@ -581,13 +583,14 @@ def _cells(r: Mapping[str, Any], wall: bool, paper: Mapping[str, str] | None,
     return cells
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None (JSON has no NaN or Infinity), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -625,7 +628,7 @@ def write_tables(
     notes = [provenance_line(provenance_facts)] if provenance_facts else []
     md.write_text(markdown_table(rows, title=title, paper=paper, notes=notes,
                                  compared=compared))
-    js.write_text(json.dumps(_json_safe({
+    js.write_text(json.dumps(json_safe({
         "title": title, "design": design_line(rows), "provenance": provenance_facts or {},
         "rows": list(rows), "comparisons": list(compared)}), indent=2) + "\n")
     return md, js
